@@ -1,0 +1,5 @@
+import sys
+
+from nailkit.cli import main
+
+sys.exit(main())

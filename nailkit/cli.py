@@ -1,0 +1,145 @@
+"""``python -m nailkit ...``: every pipeline stage from the command line.
+
+Each subcommand's handler lives in the module of its stage (``cli_<name>(args) -> int``). Bad input exits non-zero
+with a one-line error, never a traceback (set NAILKIT_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _strs(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nailkit", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="what a checkpoint holds (architecture from shapes, cross-checked with args)")
+    s.add_argument("checkpoint")
+    s.add_argument("--json", action="store_true", help="print a JSON object")
+    s.add_argument("--trusted", action="store_true", help="allow unpickling arbitrary objects (only for files you trust)")
+    s.set_defaults(handler="nailkit.cli:cli_inspect")
+
+    s = sub.add_parser("demo-checkpoint", help="write the deterministic random-weight demo checkpoint")
+    s.add_argument("out")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(handler="nailkit.cli:cli_demo_checkpoint")
+
+    s = sub.add_parser("make-data", help="(re)generate the sample images in data/")
+    s.add_argument("--out", default=None)
+    s.set_defaults(handler="nailkit.cli:cli_make_data")
+
+    s = sub.add_parser("export-onnx", help="checkpoint → verified ONNX")
+    s.add_argument("checkpoint")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--resolution", type=int, default=None)
+    s.add_argument("--opset", type=int, default=None, help="default 17 (legacy) / 18 (dynamo)")
+    s.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
+    s.add_argument("--simplify", action="store_true", help="run onnxslim on the exported graph")
+    s.add_argument("--trusted", action="store_true")
+    s.set_defaults(handler="nailkit.onnx_export:cli_export_onnx")
+
+    s = sub.add_parser("convert", help="checkpoint → ONNX → TFLite (verified, per precision)")
+    s.add_argument("checkpoint")
+    s.add_argument("--out", required=True)
+    s.add_argument("--route", choices=["onnx2tf", "litert"], default="onnx2tf")
+    s.add_argument("--precision", type=_strs, default=["fp32", "fp16", "int8"])
+    s.add_argument("--resolution", type=int, default=None)
+    s.add_argument("--trusted", action="store_true")
+    s.set_defaults(handler="nailkit.tflite:cli_convert")
+
+    s = sub.add_parser("predict", help="run a .pth/.onnx/.tflite on images; write overlays + detections JSON")
+    s.add_argument("model")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--backend", default=None, help="torch, torch-traced, onnxruntime, tflite (default: by file)")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--mask-threshold", type=float, default=0.0)
+    s.add_argument("--num-select", type=int, default=None)
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--out", default="outputs/predict")
+    s.add_argument("--trusted", action="store_true")
+    s.set_defaults(handler="nailkit.runtime:cli_predict")
+
+    s = sub.add_parser("bundle", help="self-contained mobile bundle: .tflite + model card + numpy post-processing")
+    s.add_argument("checkpoint")
+    s.add_argument("--out", required=True)
+    s.add_argument("--route", choices=["onnx2tf", "litert"], default="onnx2tf")
+    s.add_argument("--precision", default="fp32")
+    s.add_argument("--resolution", type=int, default=None)
+    s.add_argument("--tflite", default=None, help="reuse an existing converted .tflite instead of converting")
+    s.add_argument("--trusted", action="store_true")
+    s.set_defaults(handler="nailkit.bundle:cli_bundle")
+
+    s = sub.add_parser("bench", help="benchmark every backend side by side")
+    s.add_argument("checkpoint", nargs="?", default="")
+    s.add_argument("--artifacts", default="outputs")
+    s.add_argument("--runs", type=int, default=10)
+    s.add_argument("--threads", type=_ints, default=[1, 2, 4])
+    s.add_argument("--out", default="outputs")
+    s.set_defaults(handler="nailkit.bench:cli_bench")
+
+    s = sub.add_parser("workbook", help="execute every notebook with papermill (outputs/executed/)")
+    s.add_argument("--only", type=_strs, default=None, help="notebook stems or numbers, e.g. 01,03")
+    s.add_argument("--checkpoint", default="")
+    s.add_argument("--quick", action="store_true", help="trimmed parameters, as the test suite uses")
+    s.set_defaults(handler="nailkit.notebooks:cli_workbook")
+
+    s = sub.add_parser("strip-notebooks", help="remove outputs/execution counts from notebooks in place")
+    s.add_argument("paths", nargs="*", default=["notebooks"])
+    s.set_defaults(handler="nailkit.notebooks:cli_strip")
+    return p
+
+
+def cli_inspect(args: argparse.Namespace) -> int:
+    from nailkit.checkpoint import inspect
+
+    report = inspect(args.checkpoint, trusted=args.trusted)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        print(report.render())
+    return 0
+
+
+def cli_demo_checkpoint(args: argparse.Namespace) -> int:
+    from nailkit.checkpoint import make_demo_checkpoint
+
+    print(make_demo_checkpoint(args.out, seed=args.seed))
+    return 0
+
+
+def cli_make_data(args: argparse.Namespace) -> int:
+    from nailkit.data import DATA_DIR, make_data
+
+    for p in make_data(args.out or DATA_DIR):
+        print(p)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        return int(handler(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError, OSError) as exc:
+        if os.environ.get("NAILKIT_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"nailkit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
