@@ -346,6 +346,7 @@ def atomic_write(path: Path, writer) -> Path:
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -375,3 +376,14 @@ def make_demo_checkpoint(path: str | os.PathLike[str], seed: int = DEMO_SEED) ->
 
 def report_json(report: CheckpointReport) -> str:
     return json.dumps(report.to_json(), indent=2, default=str)
+
+
+def file_sha256(path: str | os.PathLike[str], length: int = 12) -> str:
+    """Short content hash of a file: the cache key that ties every artifact to the checkpoint it came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]

@@ -19,7 +19,14 @@ OUTPUT_DIR = REPO_ROOT / "outputs"
 KERNEL_NAME = "nailkit"
 
 #: Trimmed parameters the test suite (and `workbook --quick`) passes, per notebook stem. Keep CI inside its budget.
-QUICK_PARAMETERS: dict[str, dict[str, Any]] = {}
+QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
+    "01_inspect_checkpoint": {},
+    "02_export_debugging": {},
+    "03_onnx_export": {},
+    "04_tflite_conversion": {},
+    "05_inference_testing": {},
+    "06_benchmark": {},
+}
 
 
 def write_notebook(path: str | Path, cells: Iterable[tuple[str, str] | tuple[str, str, list[str]]]) -> Path:
