@@ -211,6 +211,16 @@ class CheckpointReport:
                 "num_classes", "class_names", "segmentation_head", "num_windows", "rfdetr_class"]
         return [(k, getattr(self, k), self.sources.get(k, "")) for k in keys]
 
+    def to_markdown(self) -> str:
+        """Config table (value + where it came from), then the key-tensor table."""
+        rows = ["| field | value | source |", "|---|---|---|"]
+        rows += [f"| {k} | {v} | {src} |" for k, v, src in self.config_rows()]
+        rows += ["", "| tensor | shape |", "|---|---|"]
+        rows += [f"| `{k}` | {v} |" for k, v in self.key_tensors.items()]
+        if self.disagreements:
+            rows += ["", "**Disagreements (shapes win):**", *[f"- {d}" for d in self.disagreements]]
+        return "\n".join(rows)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["num_params_total"] = sum(self.num_params.values())

@@ -97,8 +97,10 @@ def make_data(out_dir: str | Path = DATA_DIR, n_synthetic: int = 3, max_side: in
     return written
 
 
-def sample_images(data_dir: str | Path = DATA_DIR, kind: str = "all") -> list[Path]:
+def sample_images(kind: str = "all", data_dir: str | Path = DATA_DIR) -> list[Path]:
     """Sample images in ``data_dir`` (sorted): kind 'all', 'photos' (real) or 'synthetic'."""
+    if kind not in ("all", "photos", "synthetic"):
+        raise ValueError(f"kind must be 'all', 'photos' or 'synthetic', got {kind!r}")
     d = Path(data_dir)
     files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if d.is_dir() else []
     if kind == "photos":

@@ -37,15 +37,12 @@ _ARCH_FIELDS = ("resolution", "num_queries", "dec_layers", "hidden_dim", "patch_
 
 
 def _registry_names() -> set[str]:
+    """File names in rfdetr's download registry (passing one to rfdetr triggers a download)."""
     try:
-        from rfdetr.assets import model_weights as mw
+        from rfdetr.assets.model_weights import ModelWeights
 
-        names: set[str] = set()
-        for value in vars(mw).values():
-            if isinstance(value, dict):
-                names.update(k for k in value if isinstance(k, str) and k.endswith((".pt", ".pth")))
-        return names
-    except Exception:  # noqa: BLE001 - the check is advisory
+        return {m.value.filename for m in ModelWeights}
+    except Exception:  # noqa: BLE001 - advisory; also refuse anything that looks like a registry name
         return set()
 
 
@@ -78,7 +75,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, output_dir: st
     if checkpoint in (None, ""):
         return demo_checkpoint_path(output_dir)
     path = Path(checkpoint)
-    if not path.exists() and path.name in _registry_names():
+    if not path.exists() and (path.name in _registry_names() or str(checkpoint).startswith("rf-detr-")):
         raise CheckpointError(
             f"{checkpoint}: is a weights name from rfdetr's download registry, and nailkit never downloads "
             f"(no model hub is reachable). Pass the path of a local .pth file instead.")
@@ -200,3 +197,18 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
     mod.resolution = res
     mod.output_names = OUTPUT_NAMES if segmentation else DETECTION_OUTPUT_NAMES
     return mod
+
+
+def forward_raw(rf, x) -> dict[str, Any]:
+    """One forward pass of the loaded (non-export) rfdetr network on a preprocessed NCHW batch.
+
+    Returns the final-layer outputs as numpy: ``pred_logits`` [B,Q,C], ``pred_boxes`` [B,Q,4] (cxcywh, normalised),
+    ``pred_masks`` [B,Q,H/4,W/4] (mask logits) when the model has a segmentation head.
+    """
+    import numpy as np
+    import torch
+
+    net = rf.model.model.eval()
+    with torch.no_grad():
+        out = net(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+    return {k: out[k].detach().cpu().numpy() for k in OUTPUT_NAMES if k in out and hasattr(out[k], "detach")}
