@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 KERNEL := nailkit
 STAMP := $(VENV)/.installed
+# Subprocesses (onnx2tf shells out to `onnxsim`, papermill starts the `nailkit` kernel) must find the venv's tools.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
 
 .PHONY: venv workbook test lab clean-outputs strip
 
