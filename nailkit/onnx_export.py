@@ -1,36 +1,396 @@
-"""Export the export-mode model to ONNX and verify it with onnxruntime.
+"""Export the export-mode model to ONNX and verify it with onnxruntime against PyTorch.
 
-(Minimal first version: ``export_onnx``. Verification, caching and the CLI are being added — see issue 3.)
+* ``export_onnx(rf, out_path, resolution=None, opset=None, exporter="legacy", segmentation=True, simplify=False)``:
+  the export-mode network (``nailkit.model.export_module``: rfdetr's own export preparation, position embeddings
+  frozen) at a fixed square resolution (a multiple of patch × windows = 24), named input ``input`` and outputs
+  ``pred_boxes``, ``pred_logits`` [, ``pred_masks``]. Defaults: opset 17 with the legacy exporter, 18 with dynamo.
+  Optional onnxslim simplification. Written atomically.
+* ``verify_onnx(rf_or_module, onnx_path, images)``: onnxruntime vs the PyTorch export-mode module on real images —
+  per-output max/mean abs, query-matched comparison, top-10 IoU-matched detections with mask IoU — plus node
+  histogram, file size. ``report.passed`` is the GATE: a silently wrong export (e.g. one corrupted initializer)
+  fails it.
+* ``ensure_onnx(checkpoint, output_dir, ...) -> (path, meta)``: cached, verified export under ``output_dir/onnx/``,
+  keyed by ``file_sha256(checkpoint)`` + parameters (sidecar ``<file>.onnx.json``).
+* ``cli_export_onnx(args)``: ``python -m nailkit export-onnx``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional, Sequence
 
-from nailkit.checkpoint import atomic_write
+import numpy as np
+
+from nailkit.checkpoint import atomic_write, file_sha256
 from nailkit.model import INPUT_NAME, export_module
+
+DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
+#: gate thresholds (ORT vs PyTorch, fp32): every output's max-abs, and detection-level agreement
+MAX_ABS_TOL = 1e-3
+MIN_MASK_IOU = 0.999
+TOP_K = 10
+CACHE_VERSION = 1
+
+
+class ParityError(RuntimeError):
+    """The exported file disagrees with PyTorch beyond the gate's tolerances (the file is removed)."""
+
+
+def default_opset(exporter: str) -> int:
+    if exporter not in DEFAULT_OPSET:
+        raise ValueError(f"exporter {exporter!r} is not one of {sorted(DEFAULT_OPSET)}")
+    return DEFAULT_OPSET[exporter]
+
+
+def export_onnx_with_meta(rf, out_path: str | os.PathLike[str], *, resolution: int | None = None,
+                          opset: int | None = None, exporter: str = "legacy", segmentation: bool = True,
+                          simplify: bool = False) -> tuple[Path, dict[str, Any]]:
+    """``export_onnx`` that also returns {resolution, opset, exporter, export_seconds, simplify_seconds, bytes}."""
+    import torch
+
+    opset = opset or default_opset(exporter)
+    if exporter == "legacy" and opset < 16:
+        raise ValueError(f"opset {opset} is too old for this model: deformable attention needs ONNX GridSample "
+                         f"(opset >= 16); use 16 or newer (default 17)")
+    module = export_module(rf, resolution, segmentation=segmentation)  # validates resolution and seg head
+    res = module.resolution
+    x = torch.zeros(1, 3, res, res)
+    meta: dict[str, Any] = {"resolution": res, "opset": opset, "exporter": exporter, "simplify": bool(simplify),
+                            "segmentation": bool(segmentation), "output_names": list(module.output_names)}
+
+    def write(tmp: Path) -> None:
+        import warnings
+
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.time()
+            if exporter == "dynamo":
+                import contextlib
+                import io
+
+                with contextlib.redirect_stdout(io.StringIO()):
+                    prog = torch.onnx.export(module, (x,), None, input_names=[INPUT_NAME],
+                                             output_names=list(module.output_names), opset_version=opset,
+                                             dynamo=True, verbose=False)
+                    prog.save(str(tmp), external_data=False)
+            else:
+                torch.onnx.export(module, (x,), str(tmp), input_names=[INPUT_NAME],
+                                  output_names=list(module.output_names), opset_version=opset,
+                                  dynamo=False, do_constant_folding=True)
+            meta["export_seconds"] = round(time.time() - t0, 2)
+        if simplify:
+            import onnx
+            import onnxslim
+
+            t1 = time.time()
+            slim = onnxslim.slim(str(tmp))
+            onnx.save(slim, str(tmp))
+            meta["simplify_seconds"] = round(time.time() - t1, 2)
+        _add_metadata(tmp, rf, meta)
+
+    path = atomic_write(Path(out_path), write)
+    meta["bytes"] = path.stat().st_size
+    return path, meta
+
+
+def _add_metadata(path: Path, rf, meta: dict[str, Any]) -> None:
+    """Store class names and the export parameters as ONNX metadata_props (read by nailkit.runtime.OnnxRunner)."""
+    import onnx
+
+    m = onnx.load(str(path))
+    props = {"class_names": json.dumps(list(getattr(rf, "class_names", []) or [])),
+             "nailkit_export": json.dumps({k: meta[k] for k in ("resolution", "opset", "exporter", "simplify")})}
+    for k, v in props.items():
+        p = m.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(m, str(path))
 
 
 def export_onnx(rf, out_path: str | os.PathLike[str], *, resolution: int | None = None, opset: int | None = None,
-                exporter: str = "legacy", segmentation: bool = True) -> Path:
+                exporter: str = "legacy", segmentation: bool = True, simplify: bool = False) -> Path:
     """Export ``rf`` (an rfdetr model from ``load_model``) at a fixed square resolution. Returns the .onnx path."""
+    return export_onnx_with_meta(rf, out_path, resolution=resolution, opset=opset, exporter=exporter,
+                                 segmentation=segmentation, simplify=simplify)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# verification
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageParity:
+    image: str
+    size: tuple[int, int]
+    tensor: dict[str, dict[str, float]]
+    query: dict[str, Any]
+    detections: dict[str, Any]
+    detection_rows: list[dict[str, Any]]
+    per_query: dict[str, list[float]]
+    agrees: bool
+
+
+@dataclass
+class OnnxParityReport:
+    onnx_path: str
+    resolution: int
+    images: list[ImageParity]
+    output_shapes: dict[str, list[int]]
+    node_histogram: dict[str, int]
+    file_bytes: int
+    max_abs_tol: float = MAX_ABS_TOL
+    min_mask_iou: float = MIN_MASK_IOU
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def max_abs(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for im in self.images:
+            for k, v in im.tensor.items():
+                out[k] = max(out.get(k, 0.0), v["max_abs"])
+        return out
+
+    def mean_abs(self) -> dict[str, float]:
+        out: dict[str, list[float]] = {}
+        for im in self.images:
+            for k, v in im.tensor.items():
+                out.setdefault(k, []).append(v["mean_abs"])
+        return {k: float(np.mean(v)) for k, v in out.items()}
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per (image, output): max/mean abs, plus the query-matched max."""
+        rows = []
+        for im in self.images:
+            qm = {"pred_boxes": im.query.get("boxes_max_abs"), "pred_logits": im.query.get("logits_max_abs"),
+                  "pred_masks": im.query.get("masks_max_abs")}
+            for k, v in im.tensor.items():
+                rows.append({"image": im.image, "output": k, "max_abs": v["max_abs"], "mean_abs": v["mean_abs"],
+                             "query_matched_max_abs": qm.get(k), "ok": v["max_abs"] <= self.max_abs_tol})
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        dets = [im.detections for im in self.images]
+        mins = [d["min_mask_iou"] for d in dets if d.get("min_mask_iou") is not None]
+        return {"onnx": self.onnx_path, "resolution": self.resolution, "passed": self.passed,
+                "failures": self.failures, "num_images": len(self.images), "max_abs": self.max_abs(),
+                "mean_abs": self.mean_abs(), "max_abs_tol": self.max_abs_tol,
+                "queries_permuted": max((im.query["num_permuted"] for im in self.images), default=0),
+                "top_k": TOP_K, "detections_matched": sum(d["num_matched"] for d in dets),
+                "detections_expected": sum(d["num_a"] for d in dets),
+                "min_mask_iou": min(mins) if mins else None,
+                "max_box_l1_px": max((d["max_box_l1_px"] for d in dets), default=0.0),
+                "max_score_diff": max((d["max_score_diff"] for d in dets), default=0.0),
+                "output_shapes": self.output_shapes, "file_bytes": self.file_bytes,
+                "num_nodes": int(sum(self.node_histogram.values())), "seconds": round(self.seconds, 1)}
+
+    def markdown(self) -> str:
+        lines = ["| image | output | max abs | mean abs | query-matched max abs | ok |", "|---|---|---|---|---|---|"]
+        for r in self.table():
+            qm = "" if r["query_matched_max_abs"] is None else f"{r['query_matched_max_abs']:.2e}"
+            lines.append(f"| {r['image']} | {r['output']} | {r['max_abs']:.2e} | {r['mean_abs']:.2e} | {qm} | "
+                         f"{'✓' if r['ok'] else '✗'} |")
+        return "\n".join(lines)
+
+    def plot_per_query(self, ax=None, image_index: int = 0):
+        """Per-query max-abs error (after query matching) of logits, boxes and masks, log scale."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(9, 3))
+        im = self.images[image_index]
+        for name, vals in im.per_query.items():
+            ax.semilogy(np.maximum(np.asarray(vals), 1e-12), ".", ms=3, label=name)
+        ax.axhline(self.max_abs_tol, color="r", ls="--", lw=1, label=f"gate {self.max_abs_tol:g}")
+        ax.set_xlabel("query (reference order)")
+        ax.set_ylabel("max |ORT − PyTorch|\n(exact 0 drawn at 1e-12)", fontsize=8)
+        ax.set_title(f"per-query error, {im.image}")
+        ax.legend(fontsize=8, ncol=4)
+        return ax
+
+
+def _torch_module(rf_or_module, resolution: int):
     import torch
 
-    module = export_module(rf, resolution, segmentation=segmentation)
-    res = module.resolution
-    x = torch.zeros(1, 3, res, res)
-    opset = opset or (17 if exporter == "legacy" else 18)
+    if isinstance(rf_or_module, torch.nn.Module):
+        return rf_or_module
+    return export_module(rf_or_module, resolution,
+                         segmentation=bool(getattr(rf_or_module.model_config, "segmentation_head", False)))
 
-    def write(tmp: Path) -> None:
-        with torch.no_grad():
-            torch.onnx.export(module, (x,), str(tmp), input_names=[INPUT_NAME],
-                              output_names=list(module.output_names), opset_version=opset,
-                              dynamo=(exporter == "dynamo"), do_constant_folding=True)
+
+def verify_onnx(rf_or_module, onnx_path: str | os.PathLike[str], images: Optional[Sequence[Any]] = None, *,
+                max_abs_tol: float = MAX_ABS_TOL, min_mask_iou: float = MIN_MASK_IOU, top_k: int = TOP_K,
+                threads: Optional[int] = None) -> OnnxParityReport:
+    """Compare onnxruntime with the PyTorch export-mode module on ``images`` (default: the real photos in data/).
+
+    GATE (``report.passed``): on every image, every output's max-abs difference ≤ ``max_abs_tol`` AND the
+    reference's top-``top_k`` detections all find an IoU-matched partner with the same class and mask IoU ≥
+    ``min_mask_iou``. ``report.failures`` says which check failed where."""
+    import onnx
+    import torch
+
+    from nailkit import data
+    from nailkit.opscan import onnx_op_histogram
+    from nailkit.parity import detection_parity, query_matched_diff, raw_from_outputs, tensor_diff
+    from nailkit.preprocess import load_image, preprocess
+    from nailkit.runtime import OnnxRunner
 
     t0 = time.time()
-    path = atomic_write(Path(out_path), write)
-    path_time = time.time() - t0
-    _ = path_time
-    return path
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file; export it first (python -m nailkit export-onnx)")
+    images = list(images) if images is not None else data.sample_images("photos")
+    if not images:
+        raise ValueError("verify_onnx needs at least one image (data/ has none: run python -m nailkit make-data)")
+    runner = OnnxRunner(path, threads=threads)
+    res = runner.resolution
+    module = _torch_module(rf_or_module, res)
+    proto = onnx.load(str(path), load_external_data=False)
+    names = [o.name for o in proto.graph.output]
+    shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    report = OnnxParityReport(onnx_path=str(path), resolution=res, images=[], output_shapes=shapes,
+                              node_histogram=onnx_op_histogram(proto), file_bytes=path.stat().st_size,
+                              max_abs_tol=max_abs_tol, min_mask_iou=min_mask_iou)
+    del proto
+    for img in images:
+        arr = load_image(img)
+        x, size = preprocess(arr, res)
+        with torch.no_grad():
+            ref_out = [t.detach().cpu().numpy() for t in module(torch.from_numpy(x))]
+        ort_out = list(runner.session.run(runner.output_names, {runner.input_name: x}))
+        ref = {n: v for n, v in zip(names, ref_out)}
+        if len(ort_out) != len(ref_out):
+            raise ValueError(f"{path}: {len(ort_out)} outputs, PyTorch module gives {len(ref_out)}")
+        td = tensor_diff(ref, ort_out)
+        raw_ref, raw_ort = raw_from_outputs(ref_out), raw_from_outputs(ort_out)
+        qm = query_matched_diff(raw_ref, raw_ort)
+        dp = detection_parity(raw_ref, raw_ort, size, top_k=top_k)
+        name = Path(img).name if isinstance(img, (str, os.PathLike)) else f"image{len(report.images)}"
+        per_query = {"logits": qm.per_query_logit_abs.tolist(), "boxes": qm.per_query_box_abs.tolist()}
+        if qm.per_query_mask_abs is not None:
+            per_query["masks"] = qm.per_query_mask_abs.tolist()
+        ok = dp.agrees(min_mask_iou=min_mask_iou, max_box_l1_px=1.0, max_score_diff=max_abs_tol)
+        report.images.append(ImageParity(image=name, size=tuple(size), tensor=td, query=qm.summary(),
+                                         detections=dp.summary(), detection_rows=dp.rows(), per_query=per_query,
+                                         agrees=ok))
+        for k, v in td.items():
+            if not v["max_abs"] <= max_abs_tol:  # also catches NaN
+                report.failures.append(f"{name}: {k} max-abs {v['max_abs']:.3g} > {max_abs_tol:g}")
+        if not ok:
+            report.failures.append(f"{name}: top-{top_k} detections disagree ({dp.summary()})")
+    runner.close()
+    report.seconds = time.time() - t0
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cached, verified export
+# ----------------------------------------------------------------------------------------------------------------
+
+def onnx_file_name(stem: str, resolution: int, exporter: str, opset: int, simplify: bool, segmentation: bool) -> str:
+    return (f"{stem}_{resolution}_{exporter}{opset}" + ("_slim" if simplify else "")
+            + ("" if segmentation else "_det") + ".onnx")
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def ensure_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
+                resolution: int | None = None, opset: int | None = None, exporter: str = "legacy",
+                simplify: bool = False, segmentation: bool = True, *, images: Optional[Sequence[Any]] = None,
+                rf=None, force: bool = False, verify: bool = True) -> tuple[Path, dict[str, Any]]:
+    """A verified ONNX file for ``checkpoint`` under ``output_dir/onnx/``, reused when its sidecar key
+    (checkpoint sha256 + parameters) matches and the file is unchanged; otherwise exported and verified.
+
+    ``checkpoint`` "" = the demo; ``resolution`` None = the checkpoint's; ``opset`` None = 17 (legacy) / 18 (dynamo);
+    ``images`` default: the real photos in data/; ``rf``: an already loaded model for ``checkpoint`` (saves a load).
+    Raises ``ParityError`` (a RuntimeError; the file is removed) when the verification gate fails, ValueError for an
+    invalid resolution, CheckpointError for a detection-only checkpoint when ``segmentation`` is requested.
+    ``meta``: key, bytes, export_seconds (simplify_seconds), parity summary, node_histogram, cached, and — when it
+    was verified in this call — ``report`` (the full ``OnnxParityReport``)."""
+    from nailkit.model import DEFAULT_OUTPUT_DIR, load_model, resolve_checkpoint, validate_resolution
+
+    out_dir = Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR
+    ckpt = resolve_checkpoint(checkpoint, out_dir)
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint file; expected an rfdetr .pth")
+    opset = opset or default_opset(exporter)
+    sha = file_sha256(ckpt)
+    rf = rf or load_model(ckpt, require_segmentation=segmentation, output_dir=out_dir)
+    res = validate_resolution(rf, resolution)
+    key = {"version": CACHE_VERSION, "checkpoint_sha256": sha, "resolution": res, "opset": opset,
+           "exporter": exporter, "simplify": bool(simplify), "segmentation": bool(segmentation)}
+    path = out_dir / "onnx" / onnx_file_name(f"{Path(ckpt).stem}_{sha[:8]}", res, exporter, opset, simplify,
+                                             segmentation)
+    side = sidecar_path(path)
+    if not force and path.is_file() and side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except ValueError:
+            meta = {}
+        if meta.get("key") == key and meta.get("onnx_sha256") == file_sha256(path) and \
+                meta.get("parity", {}).get("passed", not verify):
+            meta["cached"] = True
+            return path, meta
+    path, emeta = export_onnx_with_meta(rf, path, resolution=res, opset=opset, exporter=exporter,
+                                        segmentation=segmentation, simplify=simplify)
+    meta = {"key": key, "checkpoint": str(ckpt), **emeta, "class_names": list(rf.class_names),
+            "num_select": int(getattr(rf.model.postprocess, "num_select", 200))}
+    if verify:
+        report = verify_onnx(rf, path, images)
+        meta["parity"] = report.summary()
+        meta["node_histogram"] = report.node_histogram
+        meta["verify_seconds"] = round(report.seconds, 1)
+        if not report.passed:
+            path.unlink(missing_ok=True)
+            raise ParityError(f"{path}: ONNX export FAILED verification against PyTorch and was removed: "
+                               + "; ".join(report.failures[:3]))
+    meta["onnx_sha256"] = file_sha256(path)
+    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
+    meta["cached"] = False
+    if verify:
+        meta["report"] = report  # the full OnnxParityReport (per-query errors, detection rows); not in the sidecar
+    return path, meta
+
+
+def format_parity(summary: dict[str, Any]) -> str:
+    lines = [f"parity vs PyTorch on {summary['num_images']} image(s): {'PASS' if summary['passed'] else 'FAIL'}"]
+    for k, v in summary["max_abs"].items():
+        lines.append(f"  {k:12s} max-abs {v:.2e}  mean-abs {summary['mean_abs'][k]:.2e}  "
+                     f"shape {summary['output_shapes'].get(k)}")
+    lines.append(f"  top-{summary['top_k']} detections matched {summary['detections_matched']}/"
+                 f"{summary['detections_expected']}, min mask IoU {summary['min_mask_iou']}, "
+                 f"max box diff {summary['max_box_l1_px']:.3g}px, max score diff {summary['max_score_diff']:.2e}")
+    for f in summary.get("failures", []):
+        lines.append(f"  FAILED: {f}")
+    return "\n".join(lines)
+
+
+def cli_export_onnx(args) -> int:
+    """python -m nailkit export-onnx CKPT --out DIR [--resolution R] [--opset N] [--exporter E] [--simplify]"""
+    from nailkit.model import load_model, resolve_checkpoint
+
+    out = Path(args.out)
+    ckpt = resolve_checkpoint(args.checkpoint, out)
+    rf = load_model(ckpt, trusted=getattr(args, "trusted", False), output_dir=out)
+    try:
+        path, meta = ensure_onnx(ckpt, out, resolution=args.resolution, opset=args.opset, exporter=args.exporter,
+                                 simplify=args.simplify, rf=rf)
+    except ParityError as exc:
+        import sys
+
+        print(f"nailkit export-onnx: parity FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    print(f"  {meta['bytes'] / 1e6:.1f} MB, {meta['exporter']} exporter, opset {meta['opset']}, "
+          f"resolution {meta['resolution']}" + (" (cached)" if meta.get("cached") else
+                                                f", exported in {meta.get('export_seconds')} s"))
+    print(format_parity(meta["parity"]))
+    return 0 if meta["parity"]["passed"] else 1

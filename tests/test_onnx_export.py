@@ -1,0 +1,96 @@
+"""nailkit.onnx_export: verified export, cache, clear errors, the gate that refuses a silently wrong export, CLI."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from nailkit import onnx_export
+from nailkit.data import sample_images
+
+
+def test_invalid_resolution_is_refused_with_nearest_valid_values(demo_model, tmp_path):
+    with pytest.raises(ValueError) as err:
+        onnx_export.export_onnx(demo_model, tmp_path / "m.onnx", resolution=400)
+    msg = str(err.value)
+    assert "400" in msg and "24" in msg and "384" in msg and "408" in msg
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_too_old_opset_and_unknown_exporter_are_refused(demo_model, tmp_path):
+    with pytest.raises(ValueError, match="GridSample"):
+        onnx_export.export_onnx(demo_model, tmp_path / "m.onnx", opset=15)
+    with pytest.raises(ValueError, match="exporter"):
+        onnx_export.default_opset("tensorrt")
+
+
+def test_segmentation_requested_on_detection_only_model_is_refused(demo_model, tmp_path):
+    fake = types.SimpleNamespace(model=demo_model.model, class_names=demo_model.class_names,
+                                 model_config=demo_model.model_config.model_copy(update={"segmentation_head": False}))
+    with pytest.raises(ValueError, match="no segmentation head"):
+        onnx_export.export_onnx(fake, tmp_path / "m.onnx", segmentation=True)
+
+
+@pytest.fixture(scope="session")
+def verified_432(demo_ckpt, demo_model, outputs_dir):
+    return onnx_export.ensure_onnx(demo_ckpt, outputs_dir, rf=demo_model)
+
+
+@pytest.mark.slow
+def test_ensure_onnx_432_shapes_parity_and_cache(verified_432, demo_ckpt, demo_model, outputs_dir):
+    path, meta = verified_432
+    p = meta["parity"]
+    assert p["output_shapes"] == {"pred_boxes": [1, 200, 4], "pred_logits": [1, 200, 3],
+                                  "pred_masks": [1, 200, 108, 108]}
+    assert p["passed"] and all(v <= 1e-3 for v in p["max_abs"].values())
+    assert p["detections_matched"] == p["detections_expected"] == 10 * p["num_images"]
+    assert p["min_mask_iou"] >= 0.999
+    side = json.loads(onnx_export.sidecar_path(path).read_text())
+    assert side["key"]["checkpoint_sha256"] and side["key"]["resolution"] == 432 and side["opset"] == 17
+    again, meta2 = onnx_export.ensure_onnx(demo_ckpt, outputs_dir, rf=demo_model)
+    assert again == path and meta2["cached"]
+
+
+@pytest.mark.slow
+def test_gate_refuses_a_corrupted_initializer(verified_432, demo_model, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    path, _ = verified_432
+    model = onnx.load(str(path))
+    # one decoder weight, slightly scaled: the file still loads and runs, the outputs are silently wrong
+    init = next(i for i in model.graph.initializer if i.name.endswith("decoder.layers.3.self_attn.out_proj.weight"))
+    arr = numpy_helper.to_array(init).copy()
+    arr *= 1.05
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    bad = tmp_path / "corrupt.onnx"
+    onnx.save(model, str(bad))
+    photo = sample_images("photos")[:1]
+    good_report = onnx_export.verify_onnx(demo_model, path, photo)
+    bad_report = onnx_export.verify_onnx(demo_model, bad, photo)
+    assert good_report.passed and not good_report.failures
+    assert not bad_report.passed
+    assert any("pred_logits" in f or "pred_masks" in f for f in bad_report.failures), bad_report.failures
+    assert max(bad_report.max_abs().values()) > 1e-3
+
+
+@pytest.mark.slow
+def test_cli_export_onnx_prints_path_and_parity(verified_432, demo_ckpt, outputs_dir, capsys):
+    from nailkit.cli import main
+
+    rc = main(["export-onnx", str(demo_ckpt), "--out", str(outputs_dir)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert str(verified_432[0]) in out and "PASS" in out and "pred_masks" in out
+
+
+def test_cli_export_onnx_bad_resolution_exits_2(demo_ckpt, tmp_path, capsys):
+    from nailkit.cli import main
+
+    rc = main(["export-onnx", str(demo_ckpt), "--out", str(tmp_path), "--resolution", "400"])
+    assert rc == 2
+    assert "24" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists() or not list((tmp_path / "onnx").glob("*.onnx"))

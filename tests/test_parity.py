@@ -1,0 +1,82 @@
+"""Unit tests of nailkit.parity (numpy only, fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nailkit.parity import (box_iou, detection_parity, mask_iou, match_detections, match_queries,
+                            query_matched_diff, raw_from_outputs, tensor_diff)
+from nailkit.postprocess import RawOutputs, postprocess
+
+
+def _raw(seed=0, q=20, c=3, hw=8):
+    rng = np.random.default_rng(seed)
+    boxes = np.concatenate([rng.uniform(0.2, 0.8, (q, 2)), rng.uniform(0.05, 0.3, (q, 2))], 1)
+    return RawOutputs(boxes=boxes, logits=rng.normal(0, 2, (q, c)), masks=rng.normal(0, 1, (q, hw, hw)))
+
+
+def test_tensor_diff_values_and_errors():
+    ref = {"a": np.zeros((2, 3)), "b": np.ones(4)}
+    d = tensor_diff(ref, [np.full((2, 3), 0.5), np.ones(4)])
+    assert d["a"] == {"max_abs": 0.5, "mean_abs": 0.5} and d["b"]["max_abs"] == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        tensor_diff(ref, {"a": np.zeros((3, 2)), "b": np.ones(4)})
+    with pytest.raises(KeyError):
+        tensor_diff(ref, {"a": np.zeros((2, 3))})
+
+
+def test_match_queries_recovers_a_permutation():
+    raw = _raw()
+    perm = np.random.default_rng(1).permutation(20)
+    ri, oi = match_queries(raw.boxes, raw.boxes[perm])
+    assert np.array_equal(perm[oi], ri)
+
+
+def test_query_matched_diff_is_zero_for_permuted_copy_and_sees_real_changes():
+    raw = _raw()
+    perm = np.arange(20)
+    perm[[3, 7]] = perm[[7, 3]]
+    other = RawOutputs(raw.boxes[perm], raw.logits[perm], raw.masks[perm])
+    plain = tensor_diff({"l": raw.logits}, [other.logits])["l"]["max_abs"]
+    qm = query_matched_diff(raw, other)
+    assert plain > 0.1  # rank-wise comparison sees a big difference
+    assert qm.num_permuted == 2 and qm.logits_max_abs == 0 and qm.masks_max_abs == 0
+    other.masks[perm.tolist().index(5), 0, 0] += 0.25
+    qm2 = query_matched_diff(raw, other)
+    assert qm2.masks_max_abs == pytest.approx(0.25, abs=1e-6) and qm2.per_query_mask_abs.argmax() == 5
+
+
+def test_box_and_mask_iou():
+    assert box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])
+                   ) == pytest.approx(np.array([[1.0, 1 / 3, 0.0]]))
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[:1] = True
+    assert mask_iou(a, b) == 0.5 and mask_iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+def test_match_detections_by_iou_not_rank():
+    raw = _raw()
+    pa = postprocess(raw, (64, 48), threshold=0.0, num_select=10)
+    idx = np.arange(len(pa))[::-1]  # reversed rank
+    from nailkit.parity import _take
+    pb = _take(pa, idx)
+    res = match_detections(pa, pb)
+    assert res.num_matched == len(pa) and res.agrees()
+    assert all(idx[m.b_idx] == m.a_idx for m in res.matches if m.box_iou == 1.0)
+
+
+def test_detection_parity_agrees_on_copy_and_fails_on_moved_box():
+    raw = _raw()
+    same = detection_parity(raw, RawOutputs(raw.boxes.copy(), raw.logits.copy(), raw.masks.copy()), (64, 48))
+    assert same.agrees() and same.num_matched == 10 and same.min_mask_iou == 1.0
+    moved = RawOutputs(raw.boxes + np.array([0.3, 0, 0, 0], np.float32), raw.logits, -raw.masks)
+    bad = detection_parity(raw, moved, (64, 48))
+    assert not bad.agrees()
+
+
+def test_raw_from_outputs_drops_batch():
+    r = raw_from_outputs([np.zeros((1, 5, 4)), np.zeros((1, 5, 3))])
+    assert r.boxes.shape == (5, 4) and r.masks is None
