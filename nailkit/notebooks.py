@@ -22,10 +22,13 @@ KERNEL_NAME = "nailkit"
 QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     "01_inspect_checkpoint": {},
     "02_export_debugging": {},
-    "03_onnx_export": {},
-    "04_tflite_conversion": {},
-    "05_inference_testing": {},
-    "06_benchmark": {},
+    "03_onnx_export": {"max_images": 1, "run_dynamo": False, "run_simplify": False},
+    "04_tflite_conversion": {"precisions_litert": "fp32"},  # CI: route A fp32+fp16+int8, route B fp32 at 432
+    "05_inference_testing": {"max_images": 2, "bench_runs": 1},
+    # CI: 3 rounds at 1 thread, one extra resolution, TFLite at 336 only if already converted, RSS for 3 backends
+    "06_benchmark": {"runs": 3, "warmup": 1, "threads": "1", "resolutions": "432,336", "max_images": 3,
+                     "sweep_backends": "torch,onnxruntime,tflite-litert", "convert_sweep_tflite": False,
+                     "memory": "pytorch eager,onnxruntime fp32,tflite litert fp32"},
 }
 
 

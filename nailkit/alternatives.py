@@ -1,0 +1,346 @@
+"""The earlier attempt's other options, made real: lower resolution, detection-only, TorchScript (and ExecuTorch).
+
+* ``pos_embed_check``: proves that the export-mode module at resolution R froze the DINOv2 position embeddings to
+  exactly rfdetr's interpolation (bicubic, antialias, ``align_corners=False``) of the checkpoint's table, by
+  recomputing that interpolation independently and by comparing the export-mode outputs with the eager (non-export)
+  network run at R, which interpolates on the fly.
+* ``resolution_drift``: PyTorch at R vs PyTorch at the reference resolution, both post-processed to the *original*
+  image size and matched by IoU (``nailkit.parity.detection_parity``).
+* ``detection_only_module``: the export-mode module with the segmentation head removed (``segmentation_head=None``,
+  so rfdetr's ``forward_export`` never computes masks) — outputs (pred_boxes, pred_logits) only.
+  ``nailkit.model.export_module(segmentation=False)`` only trims the outputs; in eager PyTorch it still runs the head.
+* ``ensure_torchscript``: the ``.pt`` rfdetr's ``inference(compile=True)`` builds (``torch.jit.trace`` of the
+  export-mode network at the model's resolution, batch 1), saved with ``torch.jit.save``; ``check_torchscript``
+  loads it in a fresh process and compares with eager. PyTorch Mobile (the lite interpreter) is deprecated and
+  superseded by ExecuTorch.
+* ``executorch_status``: whether rfdetr's ExecuTorch exporter can run here (it needs the ``executorch`` package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from nailkit.checkpoint import atomic_write, file_sha256
+
+# ----------------------------------------------------------------------------------------------------------------
+# resolution: position embeddings and drift
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _dinov2(module):
+    from rfdetr.models.backbone.dinov2 import DinoV2
+
+    for m in module.modules():
+        if isinstance(m, DinoV2):
+            return m
+    raise ValueError("no DINOv2 backbone found in the module")
+
+
+def interpolate_pos_embed(table, grid: int, *, antialias: bool = True):
+    """rfdetr's interpolation of a [1, 1+g*g, D] position table (cls first) to a ``grid``×``grid`` patch grid."""
+    import torch
+    import torch.nn.functional as F
+
+    n = table.shape[1] - 1
+    g = int(round(n ** 0.5))
+    if g * g != n:
+        raise ValueError(f"position table has {n} patch entries, not a square grid")
+    cls_tok, patch = table[:, :1], table[:, 1:]
+    d = table.shape[-1]
+    patch = patch.reshape(1, g, g, d).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", align_corners=False, antialias=antialias)
+    return torch.cat([cls_tok, patch.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
+
+
+def pos_embed_check(rf, resolution: int, image: Any = None) -> dict[str, Any]:
+    """Check the frozen position embeddings of ``export_module(rf, R)`` and the export-mode outputs vs eager.
+
+    Returns max-abs of (frozen table − independent bicubic-antialias interpolation), the same against the
+    *non-antialiased* interpolation (how much antialias matters at this R), and the max-abs difference of
+    export-mode vs eager outputs at R on ``image`` (default: a data/ photo).
+    """
+    import torch
+
+    from nailkit.model import export_module, forward_raw
+    from nailkit.preprocess import preprocess
+
+    mod = export_module(rf, resolution)
+    res = mod.resolution
+    orig = _dinov2(rf.model.model).encoder.embeddings.position_embeddings.detach()
+    frozen = _dinov2(mod).encoder.embeddings.position_embeddings.detach()
+    patch = int(rf.model_config.patch_size)
+    with torch.no_grad():
+        expect = interpolate_pos_embed(orig, res // patch, antialias=True)
+        no_aa = interpolate_pos_embed(orig, res // patch, antialias=False)
+    if frozen.shape != expect.shape:
+        raise RuntimeError(f"frozen position table {tuple(frozen.shape)} != expected {tuple(expect.shape)} at {res}")
+    if image is None:
+        from nailkit.data import sample_images
+
+        image = sample_images("photos")[0]
+    x, _ = preprocess(image, res)
+    with torch.no_grad():
+        exp_out = [o.numpy() for o in mod(torch.from_numpy(x))]
+    eager = forward_raw(rf, x)
+    out_diff = {n: float(np.abs(eager[n] - e).max()) for n, e in zip(mod.output_names, exp_out)}
+    return {"resolution": res, "grid": res // patch, "native_grid": int(round((orig.shape[1] - 1) ** 0.5)),
+            "table_shape": list(frozen.shape),
+            "frozen_vs_bicubic_antialias_max_abs": float((frozen - expect).abs().max()),
+            "frozen_vs_bicubic_no_antialias_max_abs": float((frozen - no_aa).abs().max()),
+            "export_vs_eager_max_abs": out_diff}
+
+
+def torch_raw(module, images: Sequence[Any], resolution: int):
+    """Run an export-mode module on images; returns ([RawOutputs], [(w, h)])."""
+    import torch
+
+    from nailkit.parity import raw_from_outputs
+    from nailkit.preprocess import preprocess
+
+    raws, sizes = [], []
+    for im in images:
+        x, size = preprocess(im, resolution)
+        with torch.no_grad():
+            out = module(torch.from_numpy(x))
+        raws.append(raw_from_outputs([o.numpy() for o in out]))
+        sizes.append(size)
+    return raws, sizes
+
+
+def resolution_drift(rf, resolutions: Sequence[int], images: Sequence[Any], *,
+                     reference: Optional[int] = None) -> dict[int, dict[str, Any]]:
+    """PyTorch at each R vs PyTorch at ``reference`` (default: the model's resolution): detection-level drift with
+    both runs post-processed to the original image size (``nailkit.bench.drift_summary``)."""
+    from nailkit.bench import drift_summary
+    from nailkit.model import export_module, validate_resolution
+
+    resolutions = [validate_resolution(rf, r) for r in resolutions]  # refuse bad sizes before any work
+    ref_res = validate_resolution(rf, reference)
+    ref_raws, sizes = torch_raw(export_module(rf, ref_res), images, ref_res)
+    out: dict[int, dict[str, Any]] = {}
+    for r in resolutions:
+        raws, _ = torch_raw(export_module(rf, r), images, r)
+        out[int(r)] = drift_summary(ref_raws, raws, sizes)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# detection-only
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def detection_only_module(rf, resolution: Optional[int] = None):
+    """Export-mode module without the segmentation head: forward -> (pred_boxes, pred_logits)."""
+    from nailkit.model import export_module
+
+    mod = export_module(rf, resolution, segmentation=False)
+    if getattr(mod.inner, "segmentation_head", None) is None:
+        raise ValueError("the model has no segmentation head to remove")
+    mod.inner.segmentation_head = None
+    return mod
+
+
+def detection_only_parity(rf, images: Sequence[Any], resolution: Optional[int] = None) -> dict[str, Any]:
+    """Detection-only vs the full model on ``images``: boxes and logits max-abs (same queries: the head does not
+    feed back), and the parameter count/size removed."""
+    from nailkit.model import export_module
+
+    full = export_module(rf, resolution)
+    det = detection_only_module(rf, full.resolution)
+    a, _ = torch_raw(full, images, full.resolution)
+    b, _ = torch_raw(det, images, full.resolution)
+    head = rf.model.model.segmentation_head
+    n_head = sum(p.numel() for p in head.parameters())
+    n_all = sum(p.numel() for p in rf.model.model.parameters())
+    return {"resolution": full.resolution, "images": len(images),
+            "boxes_max_abs": max(float(np.abs(x.boxes - y.boxes).max()) for x, y in zip(a, b)),
+            "logits_max_abs": max(float(np.abs(x.logits - y.logits).max()) for x, y in zip(a, b)),
+            "seg_head_params": int(n_head), "all_params": int(n_all),
+            "seg_head_fp32_mb": n_head * 4 / 2 ** 20}
+
+
+def export_detection_only_onnx(rf, out_dir: str | os.PathLike[str], resolution: Optional[int] = None,
+                               opset: int = 17) -> Path:
+    """ONNX of ``detection_only_module`` (outputs pred_boxes, pred_logits), cached by checkpoint hash + resolution."""
+    import torch
+
+    from nailkit.model import DETECTION_OUTPUT_NAMES, INPUT_NAME
+
+    mod = detection_only_module(rf, resolution)
+    res = mod.resolution
+    sha = file_sha256(rf.nailkit_checkpoint)
+    path = Path(out_dir) / f"detonly_{sha}_{res}.onnx"
+    side = path.with_suffix(".onnx.json")
+    if path.exists() and side.exists():
+        return path
+    x = torch.zeros(1, 3, res, res)
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad():
+            torch.onnx.export(mod, (x,), str(tmp), input_names=[INPUT_NAME], output_names=list(DETECTION_OUTPUT_NAMES),
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+
+    atomic_write(path, write)
+    atomic_write(side, lambda p: p.write_text(json.dumps(
+        {"checkpoint_sha256": sha, "resolution": res, "segmentation": False, "opset": opset,
+         "route": "ort", "precision": "fp32", "kind": "detection-only"}, indent=2)))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TorchScript (.pt) — what rfdetr's inference(compile=True) makes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def plain_depthwise_conv():
+    """Inside this block, rfdetr's segmentation head runs its depthwise conv as a plain ``nn.Conv2d`` call.
+
+    rfdetr 1.11 wraps that conv in a custom ``torch.autograd.Function`` (``_DepthwiseConvWithoutCuDNN``, which only
+    exists to keep cuDNN out of the *backward* pass on some GPUs). ``torch.jit.trace`` records it as a Python op, and
+    ``torch.jit.save`` then refuses the module ("Could not export Python function call
+    '_DepthwiseConvWithoutCuDNN'"). The forward is the same convolution, so on CPU the outputs are identical.
+    """
+    from rfdetr.models.heads import segmentation as seg
+
+    original = seg.DepthwiseConvBlock._depthwise_conv
+    seg.DepthwiseConvBlock._depthwise_conv = lambda self, x: self.dwconv(x)
+    try:
+        yield
+    finally:
+        seg.DepthwiseConvBlock._depthwise_conv = original
+
+
+def _trace_with_rfdetr(rf):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rf.inference(compile=True, batch_size=1)
+    return rf.model.inference_model
+
+
+def ensure_torchscript(rf, out_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """Save the TorchScript module of ``rf.inference(compile=True)`` (torch.jit.trace, batch 1, the model's
+    resolution) as ``torchscript_<sha>_<R>.pt``, cached by checkpoint hash. Returns (path, sidecar meta).
+
+    rfdetr's traced module as is cannot be saved for segmentation models (see ``plain_depthwise_conv``); that
+    failure is recorded in the meta (``as_is_error``) and the trace is redone inside ``plain_depthwise_conv``.
+    ``rf`` is left un-optimized.
+    """
+    import torch
+
+    sha = file_sha256(rf.nailkit_checkpoint)
+    res = int(rf.model.resolution)
+    path = Path(out_dir) / f"torchscript_{sha}_{res}.pt"
+    side = path.with_suffix(".pt.json")
+    if path.exists() and side.exists():
+        return path, json.loads(side.read_text())
+    t0 = time.time()
+    as_is_error = None
+    try:
+        traced = _trace_with_rfdetr(rf)
+        atomic_write(path, lambda p: torch.jit.save(traced, str(p)))
+    except RuntimeError as exc:
+        as_is_error = " ".join(str(exc).strip().split("\n")[0:2]).strip()
+        rf.remove_optimized_model()
+        with plain_depthwise_conv():
+            traced = _trace_with_rfdetr(rf)
+        if not isinstance(traced, torch.jit.ScriptModule):
+            raise RuntimeError(f"rfdetr inference(compile=True) gave {type(traced).__name__}, not TorchScript")
+        atomic_write(path, lambda p: torch.jit.save(traced, str(p)))
+    finally:
+        rf.remove_optimized_model()
+    meta = {"checkpoint_sha256": sha, "resolution": res,
+            "made_by": "rfdetr RFDETR.inference(compile=True) (torch.jit.trace, batch 1)",
+            "as_is_error": as_is_error,
+            "workaround": ("traced inside nailkit.alternatives.plain_depthwise_conv (seg-head depthwise conv as a "
+                           "plain nn.Conv2d call)") if as_is_error else None,
+            "torch": torch.__version__, "seconds": time.time() - t0, "route": "torchscript", "precision": "fp32"}
+    atomic_write(side, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return path, meta
+
+
+_TS_CHILD = r"""
+import sys, numpy as np, torch
+m = torch.jit.load(sys.argv[1], map_location="cpu").eval()
+x = torch.from_numpy(np.load(sys.argv[2]))
+with torch.no_grad():
+    out = m(x)
+if isinstance(out, dict):
+    out = [out[k] for k in ("pred_boxes", "pred_logits", "pred_masks") if k in out]
+np.savez(sys.argv[3], *[o.numpy() for o in out])
+print("modules:", sorted(k for k in sys.modules if k.split(".")[0] in ("rfdetr", "nailkit")))
+"""
+
+
+def check_torchscript(rf, pt_path: str | os.PathLike[str], image: Any = None, timeout: float = 600) -> dict[str, Any]:
+    """Load the ``.pt`` in a fresh ``python`` process (torch only: no rfdetr, no nailkit imported there), run it on a
+    data/ photo and compare every output with the eager export-mode module. Returns per-output max-abs."""
+    import tempfile
+
+    import torch
+
+    from nailkit.model import export_module
+    from nailkit.preprocess import preprocess
+
+    if image is None:
+        from nailkit.data import sample_images
+
+        image = sample_images("photos")[0]
+    mod = export_module(rf)
+    x, _ = preprocess(image, mod.resolution)
+    with torch.no_grad():
+        ref = [o.numpy() for o in mod(torch.from_numpy(x))]
+    with tempfile.TemporaryDirectory() as td:
+        np.save(Path(td) / "x.npy", x)
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-I", "-c", _TS_CHILD, str(pt_path), str(Path(td) / "x.npy"),
+                               str(Path(td) / "out.npz")], capture_output=True, text=True, timeout=timeout)
+        wall = time.time() - t0
+        if proc.returncode:
+            raise RuntimeError(f"{pt_path}: loading/running the TorchScript file in a fresh process failed: "
+                               + (proc.stderr.strip().splitlines() or ["?"])[-1])
+        got = np.load(Path(td) / "out.npz")
+        outs = [got[f"arr_{i}"] for i in range(len(got.files))]
+    names = list(mod.output_names)
+    if len(outs) < len(names):
+        raise RuntimeError(f"{pt_path}: TorchScript module returned {len(outs)} outputs, expected {names}")
+    diffs = {n: float(np.abs(o - r).max()) for n, o, r in zip(names, outs, ref)}
+    imported = [ln for ln in proc.stdout.splitlines() if ln.startswith("modules:")]
+    return {"path": str(pt_path), "size_mb": Path(pt_path).stat().st_size / 2 ** 20, "max_abs": diffs,
+            "fresh_process_s": wall, "fresh_process_imported": imported[0] if imported else ""}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ExecuTorch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def executorch_status() -> dict[str, Any]:
+    """Can rfdetr's ExecuTorch (.pte) exporter run here? It needs the ``executorch`` package (not a nailkit
+    dependency); reports what is missing instead of trying."""
+    import importlib.util
+
+    have_exporter = importlib.util.find_spec("rfdetr.export._executorch") is not None
+    have_et = importlib.util.find_spec("executorch") is not None
+    status = {"rfdetr_has_executorch_exporter": have_exporter, "executorch_installed": have_et}
+    if not have_et:
+        status["attempted"] = False
+        status["why"] = ("the executorch package is not installed in nailkit's environment; rfdetr's exporter "
+                         "(rfdetr.export._executorch) imports it, so a .pte cannot be produced offline here")
+    else:  # pragma: no cover - not in this environment
+        status["attempted"] = False
+        status["why"] = "executorch is installed; exporting a .pte is not wired into nailkit yet"
+    status["note"] = ("PyTorch Mobile (the TorchScript lite interpreter) is deprecated; ExecuTorch is its successor "
+                      "for on-device PyTorch")
+    return status

@@ -1,0 +1,346 @@
+"""The mobile bundle: one self-contained folder an app developer can use without reading the notebooks.
+
+``make_bundle`` writes (atomically: a temp folder renamed into place)::
+
+    <out>/model.tflite      the converted model (either route, any precision)
+    <out>/labels.txt        class names, line i = class id i
+    <out>/model_card.json   input/outputs read off the .tflite itself, post-processing steps, measured parity and
+                            latency on this machine, versions
+    <out>/preprocess.py     byte-identical copy of nailkit/preprocess.py   (numpy + Pillow)
+    <out>/postprocess.py    byte-identical copy of nailkit/postprocess.py  (numpy)
+    <out>/run_bundle.py     entry point / library: numpy + Pillow + ai-edge-litert only
+    <out>/README.md         for the app developer
+
+``python -m nailkit bundle CKPT --out DIR [--route] [--precision] [--resolution] [--tflite FILE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUNDLE_FILES = PACKAGE_DIR / "bundle_files"
+MODEL_FILE = "model.tflite"
+#: files copied verbatim into every bundle: {name in bundle: source}
+COPIED = {"preprocess.py": PACKAGE_DIR / "preprocess.py", "postprocess.py": PACKAGE_DIR / "postprocess.py",
+          "run_bundle.py": BUNDLE_FILES / "run_bundle.py"}
+
+OUTPUT_MEANINGS = {
+    "pred_boxes": ("boxes", "normalised [0,1] (cx, cy, w, h) relative to the model input; multiply by the ORIGINAL "
+                            "image width/height after converting to (x1, y1, x2, y2)", "values (sigmoid applied)"),
+    "pred_logits": ("class scores per query", "column c = class id c (labels.txt line c); the last column is rfdetr's "
+                    "no-object slot", "LOGITS: apply sigmoid per element (independent sigmoids, not softmax)"),
+    "pred_masks": ("mask per query", "mask logits at 1/4 of the input resolution; resize bilinearly (half-pixel, "
+                   "no antialias) to the ORIGINAL image size, THEN threshold (> 0)", "LOGITS"),
+    "enc_scores": ("diagnostic: pre-TopK encoder scores (two-stage query selection)", "not needed by the app",
+                   "logits"),
+    "topk_indices": ("diagnostic: indices of the queries the encoder selected", "not needed by the app", "int"),
+}
+
+POSTPROCESS_STEPS = [
+    "scores = sigmoid(pred_logits) for every (query, class) pair — independent sigmoids, not softmax, not argmax",
+    "take the top num_select pairs over the flattened Q×C scores (descending; ties by ascending flat index); "
+    "query = index // C, class = index % C",
+    "boxes of the selected queries: (cx, cy, w, h) → (x1, y1, x2, y2), times (W, H, W, H) of the ORIGINAL image, "
+    "clamped to the image",
+    "keep pairs with score > threshold (strictly greater)",
+    "masks of the kept queries: resize the mask logits bilinearly (half-pixel centres, no antialias) to the original "
+    "H×W, then mask = logit > mask_threshold",
+]
+
+
+def _tensor_info(d: dict[str, Any]) -> dict[str, Any]:
+    q = d.get("quantization") or (0.0, 0)
+    return {"name": d["name"], "shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
+            "quantization": {"scale": float(q[0]), "zero_point": int(q[1])} if q and q[0] else None}
+
+
+def read_tflite_io(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Input and outputs of a .tflite, read off the file with ai_edge_litert; outputs identified by shape and meaning
+    (``nailkit.tflite.identify_outputs``), masks' axis order decided by which axis equals Q."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from nailkit.tflite import check_tflite_file, identify_outputs
+
+    p = check_tflite_file(path)
+    interp = Interpreter(model_path=str(p))
+    ins = interp.get_input_details()
+    if len(ins) != 1:
+        raise ValueError(f"{p}: expected one image input, found {len(ins)}")
+    inp = _tensor_info(ins[0])
+    shape = inp["shape"]
+    if len(shape) != 4 or shape[0] != 1 or 3 not in (shape[1], shape[3]):
+        raise ValueError(f"{p}: input shape {shape} is not an image batch; expected [1,R,R,3] or [1,3,R,R]")
+    layout = "NHWC" if shape[3] == 3 else "NCHW"
+    res = shape[1] if layout == "NHWC" else shape[2]
+    inp.update(layout=layout, resolution=int(res))
+    details = interp.get_output_details()
+    index = identify_outputs(details)
+    q = int(details[index["pred_logits"]]["shape"][1])
+    outs = []
+    for meaning, i in sorted(index.items(), key=lambda kv: list(OUTPUT_MEANINGS).index(kv[0])):
+        info = _tensor_info(details[i])
+        info["meaning"] = meaning
+        what, coords, kind = OUTPUT_MEANINGS[meaning]
+        info.update(description=what, format=coords, values=kind)
+        if meaning == "pred_masks":
+            s = info["shape"]
+            info["layout"] = "NQHW" if s[1] == q else "NHWQ"
+        outs.append(info)
+    return {"input": inp, "outputs": outs, "num_queries": q}
+
+
+def tflite_raw(path: str | os.PathLike[str], images: Sequence[Any], threads: Optional[int] = None):
+    """Run the bundle's own loader (run_bundle.BundleModel logic, via nailkit.runtime) on images → RawOutputs."""
+    from nailkit.runtime import make_runner
+
+    runner = make_runner(str(path), backend="tflite", threads=threads)
+    out = [runner.predict_raw(im) for im in images]
+    return [r for r, _ in out], [s for _, s in out], runner
+
+
+def measure_parity(tflite_path: str | os.PathLike[str], rf, images: Sequence[Any]) -> dict[str, Any]:
+    """The bundle's .tflite vs PyTorch fp32 (export-mode module) on ``images``: detection-level top-10 matched by IoU
+    (``nailkit.bench.drift_summary``)."""
+    from nailkit.alternatives import torch_raw
+    from nailkit.bench import drift_summary
+    from nailkit.model import export_module
+
+    raws, sizes, runner = tflite_raw(tflite_path, images)
+    mod = export_module(rf, runner.resolution)
+    ref, _ = torch_raw(mod, images, runner.resolution)
+    d = drift_summary(ref, raws, sizes)
+    d["images_used"] = [Path(str(i)).name for i in images]
+    d["reference"] = "PyTorch fp32 export-mode module (nailkit.model.export_module)"
+    return d
+
+
+def measure_latency(tflite_path: str | os.PathLike[str], threads: Sequence[int] = (1, 2), runs: int = 10
+                    ) -> dict[str, Any]:
+    """Median/p90 ms of the .tflite (XNNPACK default delegate) at each thread count, on this machine."""
+    from nailkit.bench import cpu_name, interleaved_latency
+    from nailkit.runtime import make_runner
+
+    out: dict[str, Any] = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "runs": runs,
+                           "loadavg_1m": os.getloadavg()[0], "timed": "interpreter.invoke() incl. input copy; "
+                           "pre/post-processing excluded", "by_threads": {}}
+    for t in threads:
+        r = make_runner(str(tflite_path), backend="tflite", threads=int(t))
+        x = np.zeros((1, 3, r.resolution, r.resolution), dtype=np.float32)
+        st = interleaved_latency({"tflite": lambda: r.run(x)}, runs=runs, warmup=2)["tflite"]
+        out["by_threads"][str(t)] = {"median_ms": st.median_ms, "p90_ms": st.p90_ms}
+    return out
+
+
+def _versions(meta: dict[str, Any]) -> dict[str, Any]:
+    from importlib import metadata
+
+    v: dict[str, Any] = {}
+    for pkg in ("rfdetr", "torch", "ai-edge-litert", "onnx2tf", "tensorflow", "litert-torch", "ai-edge-quantizer",
+                "onnx", "numpy"):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = None
+    route = meta.get("route")
+    v["converter"] = ({"route": "onnx2tf", "onnx2tf": v["onnx2tf"], "tensorflow": v["tensorflow"]}
+                      if route == "onnx2tf" else
+                      {"route": "litert", "litert-torch": v["litert-torch"], "ai-edge-quantizer": v["ai-edge-quantizer"]}
+                      if route == "litert" else {"route": route})
+    if meta.get("versions"):
+        v["converter"]["recorded_at_conversion"] = meta["versions"]
+    return v
+
+
+def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLike[str], *, route: str = "onnx2tf",
+                precision: str = "fp32", resolution: Optional[int] = None, tflite: Optional[str] = None,
+                output_dir: str | os.PathLike[str] | None = None, images: Optional[Sequence[Any]] = None,
+                threshold: float = 0.5, latency_runs: int = 10, latency_threads: Sequence[int] = (1, 2),
+                trusted: bool = False, overwrite: bool = True) -> Path:
+    """Build the bundle for ``checkpoint`` in ``out`` (replacing an existing bundle there when ``overwrite``).
+
+    The .tflite comes from ``tflite`` when given (its input resolution must match), else from
+    ``nailkit.tflite.ensure_tflite`` (cached: converts only when no artifact for this checkpoint exists yet).
+    """
+    from nailkit.data import sample_images
+    from nailkit.model import DEFAULT_OUTPUT_DIR, load_model, resolve_checkpoint
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; expected a folder for the bundle")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass overwrite=True to replace it")
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{parent}: not writable; choose another --out")
+    out_root = Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR
+    ckpt = resolve_checkpoint(checkpoint, out_root)
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint; expected an rfdetr .pth")
+    rf = load_model(ckpt, trusted=trusted, output_dir=out_root)
+    if tflite:
+        from nailkit.tflite import check_tflite_file
+
+        src = check_tflite_file(tflite)
+        from nailkit.runtime import _sidecar_meta
+
+        meta = dict(_sidecar_meta(src))
+        meta.setdefault("route", route)
+        meta.setdefault("precision", precision)
+    else:
+        from nailkit.tflite import ensure_tflite
+
+        src, meta = ensure_tflite(ckpt, out_root, route=route, precision=precision, resolution=resolution)
+    io = read_tflite_io(src)
+    res = io["input"]["resolution"]
+    if resolution and int(resolution) != res:
+        raise ValueError(f"{src}: takes {res}x{res} input but --resolution {resolution} was asked for")
+    images = list(images) if images is not None else sample_images("all")
+    parity = measure_parity(src, rf, images)
+    latency = measure_latency(src, latency_threads, latency_runs)
+    labels = list(rf.class_names)
+    num_select = int(getattr(rf.model.postprocess, "num_select", 200))
+    from nailkit.checkpoint import file_sha256
+    from nailkit.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    card = {
+        "model_file": MODEL_FILE,
+        "model_sha256": file_sha256(src),
+        "source": {"checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt),
+                   "architecture": getattr(rf.nailkit_report, "rfdetr_class", None) or "RFDETRSegPreview",
+                   "route": meta.get("route", route), "precision": meta.get("precision", precision),
+                   "tflite_source": str(src), "demo_random_weights": "demo" in Path(ckpt).name},
+        "labels": labels,
+        "input": {**io["input"], "colour_order": "RGB",
+                  "value_pipeline": ["decode to 8-bit RGB (drop alpha; grayscale/palette → RGB)",
+                                     "scale to float32 [0, 1] (divide by 255)",
+                                     f"resize to {res}x{res} (aspect ratio NOT kept) with bilinear interpolation, "
+                                     "half-pixel centres (align_corners=False), NO antialias",
+                                     "normalise per channel: (x - mean) / std",
+                                     f"layout {io['input']['layout']}, batch 1"],
+                  "resize": "bilinear, half-pixel centres, no antialias, to a square (aspect not preserved)",
+                  "mean": [round(float(v), 6) for v in IMAGENET_MEAN], "std": [round(float(v), 6) for v in IMAGENET_STD],
+                  "reference_code": "preprocess.py: preprocess(image, R) (+ to_nhwc for NHWC)"},
+        "outputs": io["outputs"],
+        "num_queries": io["num_queries"],
+        "postprocess": {"steps": POSTPROCESS_STEPS, "num_select": num_select, "threshold": float(threshold),
+                        "mask_threshold": 0.0, "reference_code": "postprocess.py: postprocess(RawOutputs, (W, H), "
+                        "threshold, num_select, mask_threshold, class_names)",
+                        "background_slot": "class id == len(labels) is rfdetr's no-object slot (named "
+                                           "'__background__'); it can appear in the top-k like rfdetr's predict()"},
+        "parity": parity,
+        "latency": latency,
+        "versions": _versions(meta),
+        "conversion": {k: meta.get(k) for k in ("conversion_wall_s", "conversion_peak_rss_mb", "bytes", "log")
+                       if k in meta},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=parent))
+    try:
+        shutil.copyfile(src, tmp / MODEL_FILE)
+        for name, source in COPIED.items():
+            shutil.copyfile(source, tmp / name)
+        (tmp / "labels.txt").write_text("\n".join(labels) + "\n")
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=_json_default))
+        (tmp / "README.md").write_text(readme(card))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def readme(card: dict[str, Any]) -> str:
+    inp = card["input"]
+    lat = card["latency"]
+    par = card["parity"]
+    outs = "\n".join(f"| `{o['name']}` | {o['meaning']} | {o['shape']} {o['dtype']}"
+                     f"{' (layout ' + o['layout'] + ')' if o.get('layout') else ''} | {o['description']}: "
+                     f"{o['format']} | {o['values']} |" for o in card["outputs"])
+    lat_lines = "\n".join(f"- {t} thread(s): median {v['median_ms']:.1f} ms, p90 {v['p90_ms']:.1f} ms"
+                          for t, v in lat["by_threads"].items())
+    steps = "\n".join(f"{i}. {s}" for i, s in enumerate(card["postprocess"]["steps"], 1))
+    demo = ("\n> **Demo model**: this bundle was built from nailkit's random-weight demo checkpoint. Its scores sit "
+            "near 0.03, so it finds no nails at the default threshold; it exists to test the integration.\n"
+            if card["source"].get("demo_random_weights") else "")
+    return f"""# Nail segmentation model bundle (RF-DETR {card['source']['architecture']}, TFLite)
+{demo}
+Everything the app needs is in this folder; `model_card.json` is the machine-readable version of this page.
+
+| file | what |
+|---|---|
+| `{card['model_file']}` | the model ({card['source']['route']} route, {card['source']['precision']}) |
+| `labels.txt` | class names, line *i* = class id *i* |
+| `preprocess.py` | reference preprocessing (numpy + Pillow) |
+| `postprocess.py` | reference post-processing (numpy only) |
+| `run_bundle.py` | runs it all: `python run_bundle.py photo.jpg --json out.json` (numpy, Pillow, ai-edge-litert) |
+
+## Input
+`{inp['name']}`: {inp['dtype']} {inp['shape']} ({inp['layout']}), colour order {inp['colour_order']}.
+
+{chr(10).join(f'{i}. {s}' for i, s in enumerate(inp['value_pipeline'], 1))}
+
+mean = {inp['mean']}, std = {inp['std']}. Use the same resize as `preprocess.py` (a different resampler — e.g.
+an antialiased one — shifts the scores).
+
+## Outputs (identify them by **name or shape**, never by position: converters reorder them)
+| name | meaning | shape | format | values |
+|---|---|---|---|---|
+{outs}
+
+## Post-processing (in this order; `postprocess.py` is the reference)
+{steps}
+
+Defaults: num_select = {card['postprocess']['num_select']}, threshold = {card['postprocess']['threshold']},
+mask threshold = {card['postprocess']['mask_threshold']} (on logits). {card['postprocess']['background_slot']}.
+
+## Measured
+- Parity vs PyTorch fp32 on {par['images']} images: {par['matched']}/{par['of']} of the top-10 detections matched by
+  IoU; min mask IoU {par['min_mask_iou'] if par['min_mask_iou'] is None else round(par['min_mask_iou'], 4)};
+  max box difference {par['max_box_l1_px']:.2f} px; max score difference {par['max_score_diff']:.2g}.
+- Latency on {lat['cpu']} ({lat['cpu_count']} cores; load average {lat['loadavg_1m']:.1f} while measuring),
+  XNNPACK, batch 1, {lat['runs']} runs:
+{lat_lines}
+
+Versions: see `model_card.json` → `versions`.
+"""
+
+
+def cli_bundle(args) -> int:
+    out = make_bundle(args.checkpoint, args.out, route=args.route, precision=args.precision,
+                      resolution=args.resolution, tflite=args.tflite, trusted=args.trusted)
+    card = json.loads((out / "model_card.json").read_text())
+    par = card["parity"]
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    print(f"parity vs PyTorch: {par['matched']}/{par['of']} top-10 matched, min mask IoU {par['min_mask_iou']}")
+    for t, v in card["latency"]["by_threads"].items():
+        print(f"latency {t} thread(s): {v['median_ms']:.1f} ms median")
+    return 0

@@ -1,0 +1,287 @@
+"""nailkit.bench: the harness is tested with cheap fake callables and a fake clock — never with real timings."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nailkit import bench
+from nailkit.bench import (BackendSpec, BenchResult, LatencyStats, interleaved_latency, markdown_table, percentile,
+                           ratios, rotated_order)
+
+
+class FakeClock:
+    """Advances only when a fake backend 'runs', by that backend's fixed cost."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_fns(clock: FakeClock, costs: dict[str, float], calls: list[str]):
+    def make(name, cost):
+        def fn():
+            calls.append(name)
+            clock.t += cost
+        return fn
+    return {n: make(n, c) for n, c in costs.items()}
+
+
+def test_rotated_order_every_backend_leads_once_per_cycle():
+    names = ["a", "b", "c"]
+    orders = [rotated_order(names, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert {o[0] for o in orders} == set(names)
+    assert rotated_order(names, 4) == ["b", "c", "a"]
+
+
+def test_interleaved_latency_medians_and_rotation():
+    clock = FakeClock()
+    calls: list[str] = []
+    fns = make_fns(clock, {"slow": 0.100, "fast": 0.010, "mid": 0.050}, calls)
+    log: list[list[str]] = []
+    stats = interleaved_latency(fns, runs=4, warmup=1, clock=clock, order_log=log)
+    assert stats["slow"].median_ms == pytest.approx(100.0)
+    assert stats["fast"].median_ms == pytest.approx(10.0)
+    assert stats["mid"].p90_ms == pytest.approx(50.0)
+    assert all(s.n == 4 for s in stats.values())
+    # warm-up (1 round) + 4 timed rounds, each runs every backend exactly once
+    assert len(calls) == 15
+    assert log == [rotated_order(["slow", "fast", "mid"], r) for r in range(4)]
+    assert log[0] != log[1]  # the order really rotates
+
+
+def test_interleaving_spreads_noise_over_all_backends():
+    """A noise burst during one round hits every backend in that round, not only the one that happened to run."""
+    clock = FakeClock()
+    rounds = {"n": 0}
+    per_round = 2
+
+    def make(name):
+        def fn():
+            rounds["n"] += 1
+            r = (rounds["n"] - 1) // per_round
+            clock.t += 0.010 + (0.5 if r == 2 else 0.0)  # the 3rd round is noisy for everyone
+        return fn
+
+    stats = interleaved_latency({"a": make("a"), "b": make("b")}, runs=5, warmup=0, clock=clock)
+    assert max(stats["a"].samples_ms) == pytest.approx(510.0)
+    assert max(stats["b"].samples_ms) == pytest.approx(510.0)
+    assert stats["a"].median_ms == pytest.approx(stats["b"].median_ms)
+
+
+def test_percentile_linear_interpolation():
+    s = [1.0, 2.0, 3.0, 4.0, 10.0]
+    assert percentile(s, 50) == 3.0
+    assert percentile(s, 90) == pytest.approx(4.0 + 0.6 * 6.0)
+    st = LatencyStats("x", s)
+    assert st.p90_ms >= st.median_ms >= st.min_ms
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile(s, 101)
+
+
+def test_ratios_to_reference():
+    r = ratios({"ort": 200.0, "tfl": 100.0, "pt": 400.0}, "ort")
+    assert r == {"ort": 1.0, "tfl": 0.5, "pt": 2.0}
+    with pytest.raises(KeyError, match="not among"):
+        ratios({"a": 1.0}, "ort")
+    with pytest.raises(ValueError):
+        ratios({"ort": 0.0}, "ort")
+
+
+@pytest.mark.parametrize("kwargs, exc", [
+    ({"runs": 0}, ValueError), ({"runs": 2.5}, ValueError), ({"warmup": -1}, ValueError),
+])
+def test_invalid_arguments_rejected(kwargs, exc):
+    with pytest.raises(exc):
+        interleaved_latency({"a": lambda: None}, **kwargs)
+
+
+def test_empty_and_non_callable_rejected():
+    with pytest.raises(ValueError, match="no backends"):
+        interleaved_latency({})
+    with pytest.raises(TypeError, match="not callable"):
+        interleaved_latency({"a": 3})
+
+
+def test_failing_backend_is_named():
+    def boom():
+        raise ValueError("bad input")
+
+    with pytest.raises(RuntimeError, match="'broken'.*bad input"):
+        interleaved_latency({"ok": lambda: None, "broken": boom}, runs=1, warmup=0)
+
+
+def test_latency_stats_rejects_invalid_samples():
+    with pytest.raises(ValueError):
+        LatencyStats("x", [])
+    with pytest.raises(ValueError):
+        LatencyStats("x", [1.0, float("nan")])
+    with pytest.raises(ValueError):
+        LatencyStats("x", [-1.0])
+
+
+def test_achieved_fraction():
+    # 10 GFLOP in 100 ms = 100 GFLOP/s; against a 400 GFLOP/s ceiling = 25 %
+    assert bench.achieved_fraction(10e9, 100.0, 400.0) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        bench.achieved_fraction(1e9, 0.0, 1.0)
+
+
+def test_gemm_peak_reports_positive_throughput():
+    g = bench.gemm_peak(1, n=64, seconds=0.01)
+    assert g["median_gflops"] > 0 and g["best_gflops"] >= g["median_gflops"] * 0.999
+    assert g["reps"] >= 3
+    with pytest.raises(ValueError):
+        bench.gemm_peak(0)
+
+
+def test_count_flops_counts_linear_and_lists_uncounted_ops():
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            y = self.conv(x).relu().mean(dim=(2, 3))
+            return (torch.nn.functional.gelu(self.fc(y)),)
+
+    fc = bench.count_flops(Tiny(), 8)
+    conv = 2 * 4 * 3 * 3 * 3 * 8 * 8  # 2·Cout·Cin·k·k·H·W
+    lin = 2 * 4 * 5
+    assert fc.flops == conv + lin
+    assert fc.macs == fc.flops // 2
+    assert "gelu" in fc.uncounted_ops and "relu" in fc.uncounted_ops
+    assert "convolution" in fc.by_op and "addmm" in fc.by_op
+
+
+def test_backend_spec_validation():
+    with pytest.raises(ValueError, match="unknown kind"):
+        BackendSpec("x", "caffe", "m", 432)
+    with pytest.raises(ValueError, match="resolution"):
+        BackendSpec("x", "torch", "m", 0)
+
+
+def _fake_result():
+    specs = {"onnxruntime fp32": BackendSpec("onnxruntime fp32", "onnxruntime", "a.onnx", 432),
+             "pytorch eager": BackendSpec("pytorch eager", "torch", "c.pth", 432),
+             "tflite": BackendSpec("tflite", "tflite", "b.tflite", 336, meta={"precision": "int8"})}
+    lat = {1: {"onnxruntime fp32": LatencyStats("o", [300.0, 320.0]).summary(),
+               "pytorch eager": LatencyStats("p", [600.0]).summary(),
+               "tflite": LatencyStats("t", [150.0]).summary()}}
+    flops = {432: {"gflops": 86.0, "gmacs": 43.0, "uncounted_ops": {"gelu": 17}},
+             336: {"gflops": 50.0, "gmacs": 25.0, "uncounted_ops": {}}}
+    return BenchResult(machine={"cpu": "Fake CPU", "cpu_count": 2}, specs=specs, latency=lat,
+                       gemm={1: {"median_gflops": 100.0}}, flops=flops,
+                       drift={"tflite": {"matched_top10": "28/30", "min_mask_iou": 0.9, "max_logit_abs": 0.1}})
+
+
+def test_rows_ratios_and_markdown():
+    res = _fake_result()
+    rows = {r["backend"]: r for r in res.rows(1)}
+    assert rows["onnxruntime fp32"]["x_ort_fp32"] == pytest.approx(1.0)
+    assert rows["tflite"]["x_ort_fp32"] == pytest.approx(150 / 310)
+    assert rows["tflite"]["x_pytorch_eager"] == pytest.approx(0.25)
+    assert rows["pytorch eager"]["gemm_fraction"] == pytest.approx(86e9 / 0.6 / 100e9)
+    assert rows["tflite"]["gflops"] == 50.0  # FLOPs of its own resolution
+    md = res.markdown()
+    assert "Fake CPU" in md and "| tflite | 336 | 0.48 | 0.25 |" in md
+    assert "28/30" in md
+    assert bench.valid_numbers(res) == ["onnxruntime fp32: no accuracy drift", "pytorch eager: no accuracy drift"]
+
+
+def test_markdown_table_missing_values_and_columns():
+    t = markdown_table([{"a": "x", "b": None}, {"a": "y", "b": 1.5}], [("a", "A", "s"), ("b", "B", ".1f")])
+    lines = t.splitlines()
+    assert lines[0] == "| A | B |" and lines[1] == "|---|---:|"
+    assert lines[2] == "| x | – |" and lines[3] == "| y | 1.5 |"
+    with pytest.raises(ValueError):
+        markdown_table([], [])
+
+
+def test_drift_summary_identical_runs_match_fully():
+    from nailkit.postprocess import RawOutputs
+
+    rng = np.random.default_rng(0)
+    q = 20
+    boxes = np.column_stack([rng.uniform(0.2, 0.8, (q, 2)), rng.uniform(0.05, 0.2, (q, 2))])
+    raw = RawOutputs(boxes=boxes, logits=rng.normal(size=(q, 3)), masks=rng.normal(size=(q, 8, 8)))
+    d = bench.drift_summary([raw, raw], [raw, raw], [(64, 48), (64, 48)])
+    assert d["matched"] == d["of"] == 20 and d["matched_top10"] == "20/20"
+    assert d["min_mask_iou"] == 1.0 and d["max_logit_abs"] == 0.0
+    other = RawOutputs(boxes=boxes[::-1], logits=raw.logits[::-1] + 0.5, masks=raw.masks[::-1])
+    d2 = bench.drift_summary([raw], [other], [(64, 48)])
+    assert d2["max_logit_abs"] == pytest.approx(0.5, abs=1e-6)  # query matching undoes the permutation
+    with pytest.raises(ValueError):
+        bench.drift_summary([raw], [], [])
+
+
+def test_fresh_process_measures_rss_for_a_torchscript_file(tmp_path):
+    """The child process loads a (tiny) TorchScript file and reports load time and a peak RSS above its baseline."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            b = torch.sigmoid(x.mean(dim=(1, 2, 3)).reshape(1, 1, 1).expand(1, 5, 4))
+            return b, torch.zeros(1, 5, 3), torch.zeros(1, 5, 2, 2)
+
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.trace(Tiny(), torch.zeros(1, 3, 8, 8)), str(path))
+    res = bench.measure_in_fresh_process(BackendSpec("tiny", "torchscript", str(path), 8), runs=2)
+    assert res["load_s"] > 0 and res["peak_rss_mb"] >= res["rss_after_import_mb"] > 50
+    assert math.isfinite(res["model_rss_mb"])
+    bad = BackendSpec("missing", "torchscript", str(tmp_path / "nope.pt"), 8)
+    with pytest.raises(RuntimeError, match="missing"):
+        bench.measure_in_fresh_process(bad)
+
+
+def test_find_tflite_matches_sidecar_and_never_converts(tmp_path):
+    import json as _json
+
+    d = tmp_path / "tflite" / "litert_432_abc"
+    d.mkdir(parents=True)
+    f = d / "model_fp32.tflite"
+    f.write_bytes(b"x" * 100)
+    meta = {"checkpoint_sha256": "sha1", "route": "litert", "resolution": 432, "precision": "fp32"}
+    (d / "model_fp32.tflite.json").write_text(_json.dumps(meta))
+    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) == f
+    assert bench.find_tflite(tmp_path, "other-checkpoint", "litert", "fp32", 432) is None
+    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp16", 432) is None
+    assert bench.find_tflite(tmp_path, "sha1", "onnx2tf", "fp32", 432) is None
+    f.unlink()  # a sidecar without its file is not an artifact
+    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) is None
+
+
+def test_sweep_rows_speedup_against_same_family_at_base():
+    specs = {"pytorch eager": BackendSpec("pytorch eager", "torch", "c.pth", 432),
+             "pytorch eager @336": BackendSpec("pytorch eager @336", "torch", "c.pth", 336),
+             "onnxruntime fp32": BackendSpec("onnxruntime fp32", "onnxruntime", "a.onnx", 432)}
+    lat = {1: {"pytorch eager": LatencyStats("a", [600.0]).summary(),
+               "pytorch eager @336": LatencyStats("b", [300.0]).summary(),
+               "onnxruntime fp32": LatencyStats("c", [300.0]).summary()}}
+    res = BenchResult(machine={"cpu": "x", "cpu_count": 2}, specs=specs, latency=lat, gemm={}, flops={},
+                      drift={"pytorch eager @336": {"matched_top10": "7/10", "mean_min_mask_iou": 0.8}})
+    rows = {(r["backend"], r["resolution"]): r for r in bench.sweep_rows(res)}
+    assert rows[("pytorch eager", 336)]["speedup"] == pytest.approx(2.0)
+    assert rows[("pytorch eager", 432)]["speedup"] == pytest.approx(1.0)
+    assert rows[("pytorch eager", 336)]["matched_top10"] == "7/10"
+    assert "Resolution sweep" in res.markdown()
+
+
+def test_cli_bench_rejects_bad_arguments_before_any_work(tmp_path, capsys):
+    from nailkit.cli import main
+
+    assert main(["bench", "--threads", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

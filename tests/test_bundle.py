@@ -1,0 +1,155 @@
+"""The mobile bundle: built once from the route-B fp32 .tflite (cached, shared with notebook 04), then run in a fresh
+process where only numpy + Pillow + ai-edge-litert can be imported. Its detections must equal nailkit's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nailkit import bundle
+
+pytestmark = pytest.mark.slow
+ALLOWED = ("numpy", "PIL", "ai_edge_litert")
+BLOCKED = ("torch", "nailkit", "supervision", "tensorflow", "onnxruntime", "rfdetr", "scipy", "cv2")
+
+
+@pytest.fixture(scope="module")
+def tflite_file(outputs_dir, demo_ckpt):
+    from nailkit.tflite import ensure_tflite
+
+    path, _ = ensure_tflite(demo_ckpt, outputs_dir, route="litert", precision="fp32")
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, demo_ckpt, tflite_file):
+    from nailkit.data import sample_images
+
+    out = tmp_path_factory.mktemp("b") / "nail_bundle"
+    return bundle.make_bundle(demo_ckpt, out, tflite=str(tflite_file), route="litert",
+                              images=sample_images("photos")[:2], latency_runs=2, latency_threads=(1,))
+
+
+def isolated_site(root: Path) -> Path:
+    """A folder holding only numpy, Pillow and ai-edge-litert (symlinks into the venv), nothing else."""
+    import importlib
+
+    site = root / "site"
+    site.mkdir()
+    for name in ALLOWED:
+        pkg = Path(importlib.import_module(name).__file__).parent
+        (site / name).symlink_to(pkg)
+        for libs in pkg.parent.glob(f"{ {'PIL': 'pillow'}.get(name, name) }.libs"):
+            (site / libs.name).symlink_to(libs)
+    return site
+
+
+LAUNCHER = r"""
+import sys, runpy
+site, script = sys.argv[1], sys.argv[2]
+sys.path.insert(0, site)
+blocked = sys.argv[3].split(",")
+for name in blocked:
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    raise SystemExit(f"isolation broken: {name} is importable")
+sys.argv = [script] + sys.argv[4:]
+runpy.run_path(script, run_name="__main__")
+leaked = sorted({m.split(".")[0] for m in sys.modules} & set(blocked))
+if leaked:
+    raise SystemExit(f"bundle imported {leaked}")
+"""
+
+
+def test_bundle_contents(built, tflite_file):
+    names = sorted(p.name for p in built.iterdir())
+    assert names == ["README.md", "labels.txt", "model.tflite", "model_card.json", "postprocess.py", "preprocess.py",
+                     "run_bundle.py"]
+    repo = Path(bundle.__file__).parent
+    assert (built / "postprocess.py").read_bytes() == (repo / "postprocess.py").read_bytes()
+    assert (built / "preprocess.py").read_bytes() == (repo / "preprocess.py").read_bytes()
+    assert (built / "model.tflite").read_bytes() == Path(tflite_file).read_bytes()
+    card = json.loads((built / "model_card.json").read_text())
+    assert (built / "labels.txt").read_text().splitlines() == card["labels"] == ["background", "Nail"]
+    inp = card["input"]
+    assert inp["shape"] == [1, 432, 432, 3] and inp["layout"] == "NHWC" and inp["dtype"] == "float32"
+    assert inp["colour_order"] == "RGB" and "no antialias" in inp["resize"]
+    assert inp["mean"] == pytest.approx([0.485, 0.456, 0.406]) and inp["std"] == pytest.approx([0.229, 0.224, 0.225])
+    meanings = {o["meaning"]: o for o in card["outputs"]}
+    assert meanings["pred_boxes"]["shape"] == [1, 200, 4]
+    assert meanings["pred_logits"]["shape"] == [1, 200, 3] and "LOGITS" in meanings["pred_logits"]["values"]
+    assert meanings["pred_masks"]["shape"][1:] in ([200, 108, 108], [108, 108, 200])
+    assert len(card["postprocess"]["steps"]) == 5 and card["postprocess"]["num_select"] == 200
+    assert card["parity"]["matched"] == card["parity"]["of"] == 20  # fp32: every top-10 detection matches
+    assert card["parity"]["min_mask_iou"] > 0.99
+    assert card["latency"]["by_threads"]["1"]["median_ms"] > 0
+    assert card["versions"]["rfdetr"] and card["versions"]["converter"]["route"] == "litert"
+    readme = (built / "README.md").read_text()
+    assert "random-weight demo" in readme and "sigmoid" in readme
+
+
+def test_bundle_runs_with_only_numpy_pillow_litert(built, tmp_path):
+    """Copy the bundle elsewhere, run it in a fresh isolated interpreter, compare with nailkit's detections."""
+    from nailkit.data import sample_images
+    from nailkit.runtime import make_runner
+
+    app = tmp_path / "app_bundle"
+    shutil.copytree(built, app)
+    site = isolated_site(tmp_path)
+    photo = sample_images("photos")[0]
+    out_json = tmp_path / "det.json"
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(site), str(app / "run_bundle.py"),
+                           ",".join(BLOCKED), str(photo), "--threshold", "0.0", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out_json.read_text())[str(photo)]
+    ref = make_runner(str(app / "model.tflite"), backend="tflite").predict(photo, threshold=0.0, num_select=200)
+    ref.class_name = np.array([["background", "Nail"][c] if c < 2 else "__background__" for c in ref.class_id],
+                              dtype=object)
+    want = ref.to_json()
+    assert len(got) == len(want) == 200
+    for g, w in zip(got, want):
+        assert g["class_id"] == w["class_id"] and g["query_index"] == w["query_index"]
+        assert g["xyxy"] == pytest.approx(w["xyxy"], abs=0.01)
+        assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-6)
+        assert g["mask_area"] == w["mask_area"]
+        assert g["class_name"] == w["class_name"]
+
+
+def test_isolation_really_blocks_torch(tmp_path):
+    site = isolated_site(tmp_path)
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c",
+                           f"import sys; sys.path.insert(0, {str(site)!r}); import numpy, PIL.Image; "
+                           f"from ai_edge_litert.interpreter import Interpreter; import torch"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
+
+
+def test_corrupt_tflite_refused_and_nothing_written(tmp_path, demo_ckpt):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\x00" * 200)
+    out = tmp_path / "bundle"
+    with pytest.raises(ValueError, match="TFL3"):
+        bundle.make_bundle(demo_ckpt, out, tflite=str(bad))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no temp folder left behind
+
+
+def test_cli_errors_are_one_line(tmp_path, demo_ckpt, capsys):
+    from nailkit.cli import main
+
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert main(["bundle", str(demo_ckpt), "--out", str(target), "--tflite", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a folder" in err[0]
+    assert main(["bundle", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
