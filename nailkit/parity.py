@@ -361,8 +361,9 @@ def selection_aware_parity(module: Any, x: np.ndarray, ref: Mapping[str, np.ndar
     * ``pre_topk_max_abs``: (d) encoder scores; ``selection_same``: same selected set;
       ``forced``: torch re-run with the backend's indices forced vs the backend (max-abs per output, mask IoU after
       thresholding over all queries, and the top-k detection-level min mask IoU);
-    * ``tie``: whether a score tie within ``tie_eps`` lies at the top-k detection boundary or at the selection
-      boundary (when the selection differs), i.e. whether the unforced top-k is allowed to differ.
+    * ``tie``: whether a score tie within ``tie_eps`` lies at the top-k detection boundary, or the two selections
+      differ (membership or order) only between encoder scores within ``tie_eps`` of each other — i.e. whether the
+      unforced top-k is allowed to differ.
     """
     names = ("pred_boxes", "pred_logits", "pred_masks")
     names = tuple(n for n in names if n in ref and n in backend)
@@ -375,12 +376,17 @@ def selection_aware_parity(module: Any, x: np.ndarray, ref: Mapping[str, np.ndar
     out["detect_agrees"] = det.agrees()
     es_r, es_b = np.asarray(ref["enc_scores"], np.float64), np.asarray(backend["enc_scores"], np.float64)
     out["pre_topk_max_abs"] = float(np.abs(es_r.reshape(es_b.shape) - es_b).max())
-    sel_r = set(np.asarray(ref["topk_indices"]).ravel().tolist())
-    sel_b = set(np.asarray(backend["topk_indices"]).ravel().tolist())
-    out["selection_same"] = sel_r == sel_b
-    out["selection_swapped"] = len(sel_r - sel_b)
-    q = np.asarray(ref["topk_indices"]).shape[-1]
-    out["selection_gap"] = score_gap_at(es_r, q)
+    ri = np.asarray(ref["topk_indices"]).ravel().astype(np.int64)
+    bi = np.asarray(backend["topk_indices"]).ravel().astype(np.int64)
+    out["selection_same"] = set(ri.tolist()) == set(bi.tolist())
+    out["selection_order_same"] = bool(np.array_equal(ri, bi))
+    out["selection_swapped"] = len(set(ri.tolist()) - set(bi.tolist()))
+    out["selection_gap"] = score_gap_at(es_r, ri.size)
+    # Where the two selections differ (in membership or order), how far apart are the swapped scores? All within
+    # tie_eps means the difference is a tie resolved the other way, not a converter error.
+    flat = es_r.reshape(-1)
+    pos = np.nonzero(ri != bi)[0]
+    out["selection_swap_max_gap"] = float(np.abs(flat[ri[pos]] - flat[bi[pos]]).max()) if pos.size else 0.0
     forced = run_torch_with_selection(module, x, forced_indices=np.asarray(backend["topk_indices"]))
     fd = tensor_diff({n: forced[n] for n in names}, {n: backend[n] for n in names})
     out["forced"] = {n: v["max_abs"] for n, v in fd.items()}
@@ -392,7 +398,7 @@ def selection_aware_parity(module: Any, x: np.ndarray, ref: Mapping[str, np.ndar
     out["forced_min_mask_iou"] = fdet.min_mask_iou if fdet.min_mask_iou is not None else 1.0
     gap = detection_score_gap(raw_ref, top_k)
     out["detection_gap"] = gap
-    out["tie"] = bool(gap < tie_eps or (not out["selection_same"] and out["selection_gap"] < tie_eps))
+    out["tie"] = bool(gap < tie_eps or (pos.size > 0 and out["selection_swap_max_gap"] < tie_eps))
     return out
 
 
