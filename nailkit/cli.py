@@ -40,6 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
     s.set_defaults(handler="nailkit.cli:cli_make_data")
 
+    s = sub.add_parser("make-dataset", help="write the labelled synthetic nail dataset (Roboflow COCO layout)")
+    s.add_argument("out")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=int, default=None, help="images in train/ (default 400)")
+    s.add_argument("--valid", type=int, default=None, help="images in valid/ (default 40)")
+    s.add_argument("--test", type=int, default=None, help="images in test/ (default 60)")
+    s.set_defaults(handler="nailkit.cli:cli_make_dataset")
+
+    s = sub.add_parser("train-demo", help="train the seed's architecture on a dataset with rfdetr's own trainer")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--out", required=True, help="where the trained .pth goes")
+    s.add_argument("--minutes", type=float, default=60.0, help="time box for this run")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--resume", default=None, help="last.ckpt (or its folder) of an earlier run")
+    s.add_argument("--epochs", type=int, default=200, help="schedule length (the time box usually stops first)")
+    s.add_argument("--batches-per-epoch", type=int, default=60, help="short epochs: checkpoint + validation each")
+    s.add_argument("--batch-size", type=int, default=2)
+    s.add_argument("--grad-accum-steps", type=int, default=1)
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--work-dir", default=None, help="resumable state (default ~/.cache/nailkit/train-demo)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(handler="nailkit.train:cli_train_demo")
+
     s = sub.add_parser("export-onnx", help="checkpoint → verified ONNX")
     s.add_argument("checkpoint")
     s.add_argument("--out", required=True, help="output directory")
@@ -124,6 +147,14 @@ def cli_make_data(args: argparse.Namespace) -> int:
 
     for p in make_data(args.out or DATA_DIR):
         print(p)
+    return 0
+
+
+def cli_make_dataset(args: argparse.Namespace) -> int:
+    from nailkit.dataset import make_dataset
+
+    sizes = {k: v for k in ("train", "valid", "test") if (v := getattr(args, k)) is not None}
+    print(json.dumps(make_dataset(args.out, seed=args.seed, sizes=sizes, progress=True), indent=2))
     return 0
 
 
