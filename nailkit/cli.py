@@ -63,6 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(handler="nailkit.train:cli_train_demo")
 
+    s = sub.add_parser("evaluate", help="box/mask mAP (pycocotools) of a .pth/.onnx/.tflite on a COCO split")
+    s.add_argument("model")
+    s.add_argument("--dataset", required=True, help="a Roboflow COCO export (train/ valid/ test/)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--backend", default=None, help="torch, torch-traced, onnxruntime, tflite (default: by file)")
+    s.add_argument("--resolution", type=int, default=None)
+    s.add_argument("--threshold", type=float, default=0.5, help="operating threshold for recall / FP per image")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--max-images", type=int, default=None)
+    s.add_argument("--rows", default=None, help="write metrics + per-image rows to this JSON file")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--trusted", action="store_true")
+    s.set_defaults(handler="nailkit.evaluate:cli_evaluate")
+
+    s = sub.add_parser("model-card", help="score a checkpoint and write its model card (.card.json + .md) beside it")
+    s.add_argument("checkpoint")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--split", default="test")
+    s.set_defaults(handler="nailkit.train:cli_model_card")
+
     s = sub.add_parser("export-onnx", help="checkpoint → verified ONNX")
     s.add_argument("checkpoint")
     s.add_argument("--out", required=True, help="output directory")
@@ -159,16 +179,29 @@ def cli_make_dataset(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nailkit import offline
+
+    offline.activate()  # this process and every child it starts stay offline (NAILKIT_OFFLINE=0 to allow)
     args = build_parser().parse_args(argv)
     module_name, func_name = args.handler.split(":")
+    user_errors: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError, KeyError, TypeError)
+    try:
+        from google.protobuf.message import DecodeError  # a corrupt .onnx / SavedModel
+
+        user_errors += (DecodeError,)
+    except ImportError:  # pragma: no cover - protobuf is a dependency
+        pass
     try:
         handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError, OSError) as exc:
+    except user_errors as exc:
         if os.environ.get("NAILKIT_DEBUG"):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"nailkit {args.command}: error: {msg}", file=sys.stderr)
+        text = str(exc).strip()
+        msg = text.splitlines()[0] if text else ""
+        if isinstance(exc, KeyError) or not msg or not isinstance(exc, (ValueError, OSError, RuntimeError)):
+            msg = f"{type(exc).__name__}: {msg or 'no message'}"  # say what kind of surprise it was
+        print(f"nailkit {args.command}: error: {msg} (NAILKIT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -385,7 +385,7 @@ def make_split(out_dir: Path, split: str, n: int, seed: int, progress: bool = Fa
                 continue
             ys, xs = np.nonzero(m)
             x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-            anns.append({"id": len(anns), "image_id": i, "category_id": NAIL_CATEGORY_ID,
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": NAIL_CATEGORY_ID,
                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(m.sum()), "segmentation": polys,
                          "iscrowd": 0})
     coco = {"info": {"description": "nailkit synthetic nails", "seed": seed, "split": split},
@@ -483,3 +483,18 @@ def instance_masks(split: CocoSplit, image: dict[str, Any]) -> np.ndarray:
             rle = None
         out.append(mask_utils.decode(rle).astype(bool) if rle is not None else np.zeros((h, w), bool))
     return np.stack(out) if out else np.zeros((0, h, w), bool)
+
+
+def ensure_dataset(out: str | os.PathLike[str], seed: int = 0, sizes: dict[str, int] | None = None) -> Path:
+    """The dataset at ``out``, generated when absent (or when it was made with another seed or sizes). Every image
+    depends only on (seed, split, index), so a folder with only ``test/`` holds the same test images as a full one."""
+    out = Path(out)
+    want = {**DEFAULT_SIZES, **(sizes or {})}
+    info = out / "dataset.json"
+    if info.exists():
+        have = json.loads(info.read_text())
+        if have.get("seed") == seed and all(have.get(s, {}).get("images") == n for s, n in want.items()):
+            return out
+        shutil.rmtree(out)
+    make_dataset(out, seed=seed, sizes=want)
+    return out

@@ -19,7 +19,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 DEFAULT_WORK_DIR = Path(os.environ.get("NAILKIT_CACHE", Path.home() / ".cache" / "nailkit")) / "train-demo"
 #: Learning rates for training from random init (rfdetr's defaults, 1e-4 / 1.5e-4, assume a pretrained backbone).
@@ -108,16 +108,35 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str], *, 
                     "device": device, "cpu": cpu_name(), "threads": torch.get_num_threads(),
                     "resumed_from": str(resume_path) if resume_path else None, "global_step": steps})
     history_file.write_text(json.dumps(history, indent=2))
-    record = {"dataset": str(ds), "dataset_info": _dataset_info(ds), "seed": seed, "epochs_done": ckpt.get("epoch"),
+    losses, val, epochs_done = _metrics_csv(work / "metrics.csv")
+    record = {"dataset": str(ds), "dataset_info": _dataset_info(ds), "seed": seed, "epochs_done": epochs_done,
+              "batches_per_epoch": batches_per_epoch, "final_losses": losses, "best_validation": val,
               "optimizer_steps": steps, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
               "lr": lr, "lr_encoder": lr_encoder, "multi_scale": multi_scale,
               "wall_s_total": sum(h["wall_s"] for h in history), "sessions": history,
-              "rfdetr": _version("rfdetr"), "torch": torch.__version__}
-    args = ckpt.get("args")
+              "rfdetr": _version("rfdetr"), "torch": str(torch.__version__)}
     payload = {"model": {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
-               "args": args, "epoch": ckpt.get("epoch"), "nailkit_training": record}
+               "args": checkpoint_args(ckpt.get("args"), rf), "epoch": ckpt.get("epoch"),
+               "nailkit_training": _plain(record)}
     atomic_write(Path(out), lambda tmp: torch.save(payload, tmp))
     return record
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able plain types only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def checkpoint_args(train_args: Any, rf) -> Any:
+    """The seed's ``args``: an ``argparse.Namespace`` holding rfdetr's training *and* model configuration (plain
+    types), so ``nailkit inspect`` can cross-check the architecture against the shapes, as for the seed."""
+    import argparse
+
+    merged = dict(vars(train_args) if hasattr(train_args, "__dict__") else (train_args or {}))
+    for k, v in rf.model_config.model_dump().items():
+        merged.setdefault(k, v)
+    merged["model_name"] = type(rf).__name__
+    return argparse.Namespace(**_plain(merged))
 
 
 def _global_step(work: Path) -> int | None:
@@ -130,6 +149,26 @@ def _global_step(work: Path) -> int | None:
         return int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
     except Exception:  # noqa: BLE001 - informational only
         return None
+
+
+def _metrics_csv(path: Path) -> tuple[dict[str, float], dict[str, float], int | None]:
+    """(last logged training losses, best validation mAPs, epochs logged) from rfdetr's metrics.csv."""
+    import csv
+
+    if not path.exists():
+        return {}, {}, None
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train = [r for r in rows if r.get("train/loss")]
+    losses = {k.split("/", 1)[1]: round(float(v), 4) for k, v in (train[-1] if train else {}).items()
+              if k.startswith("train/loss") and v and not k.endswith("_aux")}
+    val = {}
+    for key in ("val/ema_segm_mAP_50_95", "val/ema_segm_mAP_50", "val/segm_mAP_50_95", "val/segm_mAP_50"):
+        vals = [float(r[key]) for r in rows if r.get(key)]
+        if vals:
+            val[key.split("/", 1)[1]] = round(max(vals), 4)
+    epochs = {int(r["epoch"]) for r in rows if r.get("epoch", "").isdigit()}
+    return losses, val, (max(epochs) + 1) if epochs else None
 
 
 def _dataset_info(ds: Path) -> dict[str, Any]:
@@ -150,4 +189,113 @@ def cli_train_demo(args) -> int:
                      batches_per_epoch=args.batches_per_epoch or None)
     print(json.dumps({k: v for k, v in rec.items() if k != "sessions"}, indent=2, default=str))
     print(f"wrote {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model card
+# --------------------------------------------------------------------------------------------------------------------
+def model_card(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[str], *, split: str = "test",
+               negatives: Sequence[str | os.PathLike[str]] | None = None) -> dict[str, Any]:
+    """Score ``checkpoint`` (PyTorch fp32 at its resolution) on ``dataset/<split>`` and on nail-free photos, check the
+    quality bar (``nailkit.gates``, stage ``quality_bar``), and write ``<stem>.card.json`` + ``<stem>.md`` beside it."""
+    import torch
+
+    from nailkit import gates
+    from nailkit.data import sample_images
+    from nailkit.evaluate import evaluate, negatives_max_score
+    from nailkit.runtime import make_runner
+
+    ckpt = Path(checkpoint)
+    record = torch.load(ckpt, map_location="cpu", weights_only=True).get("nailkit_training", {})
+    runner = make_runner(ckpt)
+    try:
+        metrics = evaluate(ckpt, dataset, split=split, runner=runner).metrics
+        neg = negatives_max_score(ckpt, list(negatives) if negatives is not None else sample_images("photos"),
+                                  runner=runner)
+    finally:
+        runner.close()
+    metrics["max_score_on_nail_free_photos"] = max(neg.values()) if neg else 0.0
+    failures = gates.check("quality_bar", metrics)
+    card = {"checkpoint": ckpt.name, "sha256": _sha256(ckpt), "architecture": "RFDETRSegPreview "
+            "(dinov2_windowed_small, patch 12, 432x432, hidden 256, 200 queries x group_detr 13, 4 decoder layers, "
+            "seg head), 2 classes (background + Nail)", "training": record,
+            "evaluation": {"dataset": str(dataset), "split": split, "backend": "torch fp32", "resolution":
+                           metrics["resolution"]},
+            "metrics": {k: metrics[k] for k in ("mask_map50_95", "mask_map50", "box_map50_95", "box_map50", "recall",
+                                                "fp_per_image", "threshold", "images", "instances",
+                                                "max_score_on_nail_free_photos")},
+            "nail_free_photos": neg, "quality_bar": gates.gate("quality_bar"), "quality_bar_failures": failures}
+    card_json = ckpt.with_suffix(".card.json")
+    card_json.write_text(json.dumps(card, indent=2) + "\n")
+    ckpt.with_suffix(".md").write_text(render_card(card))
+    return card
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def render_card(card: dict[str, Any]) -> str:
+    m, t = card["metrics"], card["training"]
+    sessions = t.get("sessions", [])
+    hw = sorted({f"{s.get('cpu')} ({s.get('device')}, {s.get('threads')} threads)" for s in sessions})
+    bar = card["quality_bar"] or {}
+    lines = [f"# Model card: {card['checkpoint']}", "",
+             f"sha256 `{card['sha256']}`", "",
+             f"**Architecture**: {card['architecture']}. fp32 weights, rfdetr checkpoint format "
+             f"(`model` + `args`), loads with `torch.load(weights_only=True)`.", "",
+             "## Training", "",
+             f"- Data: nailkit's synthetic nail dataset, `python -m nailkit make-dataset DIR --seed "
+             f"{t.get('dataset_info', {}).get('seed', t.get('seed'))}` "
+             f"(train {t.get('dataset_info', {}).get('train', {}).get('images')} images / "
+             f"{t.get('dataset_info', {}).get('train', {}).get('instances')} nails; validation "
+             f"{t.get('dataset_info', {}).get('valid', {}).get('images')} images).",
+             f"- Trainer: rfdetr {t.get('rfdetr')} `RFDETRSegPreview(pretrain_weights=None).train(...)` from random "
+             f"init (no pretrained backbone: nothing is downloaded), batch {t.get('batch_size')}, grad accumulation "
+             f"{t.get('grad_accum_steps')}, lr {t.get('lr')} (encoder {t.get('lr_encoder')}), multi-scale "
+             f"{t.get('multi_scale')}, seed {t.get('seed')}, EMA; best checkpoint by validation mAP.",
+             f"- Optimizer steps: {t.get('optimizer_steps')}; epochs (of {t.get('batches_per_epoch', 'all')} batches) "
+             f"done: {t.get('epochs_done')}; wall time {t.get('wall_s_total', 0) / 60:.0f} min over "
+             f"{len(sessions)} run(s); hardware: {'; '.join(hw)}.",
+             f"- Final training losses (last logged): {t.get('final_losses')}.",
+             "", "## Metrics", "",
+             f"On the synthetic **{card['evaluation']['split']}** split ({m['images']} images, {m['instances']} nails, "
+             f"never seen in training), PyTorch fp32 at {card['evaluation']['resolution']}, pycocotools:", "",
+             "| metric | value | quality bar |", "|---|---|---|",
+             f"| mask mAP50-95 | {m['mask_map50_95']:.3f} | |",
+             f"| mask mAP50 | {m['mask_map50']:.3f} | ≥ {bar.get('min_mask_map50', '–')} |",
+             f"| box mAP50-95 | {m['box_map50_95']:.3f} | |",
+             f"| box mAP50 | {m['box_map50']:.3f} | |",
+             f"| recall at score ≥ {m['threshold']} (mask IoU > 0.5) | {m['recall']:.3f} | ≥ {bar.get('min_recall', '–')} |",
+             f"| false positives / image at score ≥ {m['threshold']} | {m['fp_per_image']:.2f} | "
+             f"≤ {bar.get('max_fp_per_image', '–')} |",
+             f"| highest score on the 3 nail-free photos in data/ | {m['max_score_on_nail_free_photos']:.3f} | "
+             f"< {bar.get('max_score_on_nail_free_photos', '–')} |", ""]
+    if card["quality_bar_failures"]:
+        lines += ["**Falls short of the quality bar**: " + "; ".join(card["quality_bar_failures"]) + ".", "",
+                  "Training more closes the gap; resume it (same machine: the full state is in "
+                  "`~/.cache/nailkit/train-demo/`):", "",
+                  "```bash", "python -m nailkit make-dataset ~/.cache/nailkit/nails-seed0 --seed 0   # if absent",
+                  "python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0 --out nails_seg_preview.pth \\",
+                  "    --resume ~/.cache/nailkit/train-demo --minutes 120", "```", ""]
+    else:
+        lines += ["Meets the quality bar.", ""]
+    lines += ["Regenerate this card: `python -m nailkit model-card data/models/nails_seg_preview.pth --dataset DIR`.",
+              ""]
+    return "\n".join(lines)
+
+
+def cli_model_card(args) -> int:
+    card = model_card(args.checkpoint, args.dataset, split=args.split)
+    print(json.dumps(card["metrics"], indent=2))
+    for f in card["quality_bar_failures"]:
+        print("below the quality bar:", f)
+    print("wrote", Path(args.checkpoint).with_suffix(".card.json"), "and", Path(args.checkpoint).with_suffix(".md"))
     return 0
