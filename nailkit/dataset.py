@@ -45,6 +45,8 @@ DEFAULT_SIZES = {"train": 400, "valid": 40, "test": 60}
 SIZES = ((432, 432), (480, 640), (640, 480), (384, 512), (512, 384))
 MIN_VISIBLE_FRACTION = 0.35  # a nail hidden more than this is not annotated (too little of it to call a nail)
 MIN_AREA_PX = 24
+#: v1 (commit 79e9e03) drew smaller hands and more occluders; v2 frames hands closer, as an AR camera sees them.
+DATASET_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -224,9 +226,11 @@ def _draw_nail(scene: _Scene, rng: np.random.Generator, x0: float, y0: float, an
 def _draw_hand(scene: _Scene, rng: np.random.Generator, h: int, w: int, max_nails: int, nails_visible: bool) -> int:
     from PIL import ImageDraw
 
-    scale = min(h, w) * rng.uniform(0.16, 0.36)
-    cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.2, 1.1) * h
+    scale = min(h, w) * rng.uniform(0.2, 0.38)
     rot = rng.uniform(-np.pi, np.pi) if rng.random() < 0.3 else -np.pi / 2 + rng.normal(0, 0.5)
+    # aim the fingertips at a point inside the frame; the palm may leave it
+    tx, ty = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
+    cx, cy = tx - np.cos(rot) * 1.6 * scale, ty - np.sin(rot) * 1.6 * scale
     skin = _skin(rng)
     d = ImageDraw.Draw(scene.rgb)
     di = ImageDraw.Draw(scene.ids)
@@ -257,7 +261,7 @@ def _draw_occluders(scene: _Scene, rng: np.random.Generator, h: int, w: int) -> 
 
     d = ImageDraw.Draw(scene.rgb)
     di = ImageDraw.Draw(scene.ids)
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, 2))):
         kind = rng.random()
         colour = tuple(int(v) for v in rng.uniform(0, 255, 3))
         if kind < 0.5:  # a pen/stick
@@ -304,7 +308,7 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] | None = None) 
     from PIL import Image
 
     h, w = size or SIZES[rng.integers(len(SIZES))]
-    bg = _photo_background(rng, h, w) if rng.random() < 0.6 else _procedural_background(rng, h, w)
+    bg = _photo_background(rng, h, w) if rng.random() < 0.5 else _procedural_background(rng, h, w)
     scene = _Scene(Image.fromarray(bg), Image.new("I", (w, h), 0), {})
     kind = rng.random()
     if kind < 0.08:  # hard negative: nothing but background and distractors
@@ -314,12 +318,12 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int] | None = None) 
             _draw_hand(scene, rng, h, w, 0, nails_visible=False)
     else:
         budget = int(rng.integers(3, 11))
-        for _ in range(int(rng.integers(1, 4))):
+        for _ in range(int(rng.integers(1, 3))):
             if budget <= 0:
                 break
             if rng.random() < 0.25:  # a loose finger coming in from an edge
                 skin = _skin(rng)
-                wd = min(h, w) * rng.uniform(0.07, 0.16)
+                wd = min(h, w) * rng.uniform(0.09, 0.18)
                 a = rng.uniform(-np.pi, np.pi)
                 x0, y0 = w / 2 - np.cos(a) * w * 0.7, h / 2 - np.sin(a) * h * 0.7
                 _draw_finger(scene, rng, x0, y0, a, rng.uniform(0.5, 0.85) * max(h, w), wd, skin, True)
@@ -407,6 +411,7 @@ def make_dataset(out: str | os.PathLike[str], seed: int = 0, sizes: dict[str, in
     try:
         summary = {s: make_split(tmp / s, s, sizes[s], seed, progress) for s in SPLITS}
         summary["seed"] = seed
+        summary["version"] = DATASET_VERSION
         (tmp / "dataset.json").write_text(json.dumps(summary, indent=2))
         if out.exists():
             out.rmdir()
@@ -493,7 +498,7 @@ def ensure_dataset(out: str | os.PathLike[str], seed: int = 0, sizes: dict[str, 
     info = out / "dataset.json"
     if info.exists():
         have = json.loads(info.read_text())
-        if have.get("seed") == seed and all(have.get(s, {}).get("images") == n for s, n in want.items()):
+        if have.get("seed") == seed and have.get("version") == DATASET_VERSION and all(have.get(s, {}).get("images") == n for s, n in want.items()):
             return out
         shutil.rmtree(out)
     make_dataset(out, seed=seed, sizes=want)

@@ -73,6 +73,8 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str], *, 
         if resume_path is None or not resume_path.exists():
             raise FileNotFoundError(f"{resume}: no resumable training state (expected last.ckpt from an earlier "
                                     f"train-demo run, e.g. {work / 'last.ckpt'})")
+    # PTL's Timer restores the training time already spent from the resumed state; ``minutes`` is this run's budget
+    already = _timer_elapsed_s(resume_path) if resume_path else 0.0
     torch.manual_seed(seed)
     rf = build_rfdetr("RFDETRSegPreview", num_classes=2, device=device)
 
@@ -81,7 +83,7 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     original = rt.build_trainer
 
     def build_trainer(*a: Any, **kw: Any):
-        kw.setdefault("max_time", _dt.timedelta(minutes=minutes))
+        kw.setdefault("max_time", _dt.timedelta(minutes=minutes, seconds=already))
         if batches_per_epoch:  # short epochs: a checkpoint + validation every few minutes, so a time box loses little
             kw.setdefault("limit_train_batches", batches_per_epoch)
         return original(*a, **kw)
@@ -106,7 +108,8 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     steps = _global_step(work)
     history.append({"started": _dt.datetime.fromtimestamp(t0).isoformat(timespec="seconds"), "wall_s": round(wall),
                     "device": device, "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                    "resumed_from": str(resume_path) if resume_path else None, "global_step": steps})
+                    "resumed_from": str(resume_path) if resume_path else None, "global_step": steps,
+                    "dataset": str(ds), "dataset_info": _dataset_info(ds)})
     history_file.write_text(json.dumps(history, indent=2))
     losses, val, epochs_done = _metrics_csv(work / "metrics.csv")
     record = {"dataset": str(ds), "dataset_info": _dataset_info(ds), "seed": seed, "epochs_done": epochs_done,
@@ -137,6 +140,15 @@ def checkpoint_args(train_args: Any, rf) -> Any:
         merged.setdefault(k, v)
     merged["model_name"] = type(rf).__name__
     return argparse.Namespace(**_plain(merged))
+
+
+def _timer_elapsed_s(ckpt_path: Path) -> float:
+    """Training seconds PyTorch Lightning's Timer had counted when ``ckpt_path`` was saved (0 when absent)."""
+    import torch
+
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own training state, in our cache
+    elapsed = (state.get("callbacks") or {}).get("Timer", {}).get("time_elapsed", {})
+    return float(elapsed.get("train", 0.0))
 
 
 def _global_step(work: Path) -> int | None:

@@ -127,3 +127,17 @@ def test_cli_errors_are_one_line(tmp_path, demo_ckpt, capsys):
     assert main(["evaluate", str(demo_ckpt), "--dataset", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "_annotations.coco.json" in err and str(tmp_path) in err
+
+
+def test_accuracy_gates_and_quality_bar():
+    from nailkit import gates
+
+    assert gates.check("accuracy_fp32", {"d_mask_map50_95_pt": -0.05}) == []
+    assert gates.check("accuracy_fp32", {"d_mask_map50_95_pt": -0.2})  # 0.2 pt drop > 0.1
+    assert gates.check("accuracy_fp16", {"d_mask_map50_95_pt": +1.0}) == []  # a gain is not a failure
+    assert gates.check("accuracy_int8", {"d_mask_map50_95_pt": -2.9}) == []
+    assert gates.check("accuracy_int8", {"d_mask_map50_95_pt": float("nan")})  # unmeasured fails
+    good = {"mask_map50": 0.9, "recall": 0.95, "fp_per_image": 0.1, "max_score_on_nail_free_photos": 0.2}
+    assert gates.check("quality_bar", good) == []
+    bad = gates.check("quality_bar", dict(good, recall=0.5, max_score_on_nail_free_photos=0.7))
+    assert len(bad) == 2 and "recall" in bad[0] and "nail-free" in bad[1]
