@@ -9,7 +9,13 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv workbook test lab clean-outputs strip
+.PHONY: venv workbook test lab clean-outputs strip gpu-driver
+
+# SwiftShader's Vulkan driver (Debian's `chromium` ships it as /usr/lib/chromium/libvk_swiftshader.so; the Vulkan
+# loader libvulkan.so.1 is only a Recommends of chromium, so it is named too). LiteRT's WebGPU accelerator runs on it,
+# which is how tests/test_gpu.py gets the real GPU delegate's verdict on a CPU-only machine. Idempotent: nothing is
+# done when both are present. Without root/apt the step only warns, and the GPU tests skip with a one-line reason.
+SWIFTSHADER_ICD := /usr/lib/chromium/vk_swiftshader_icd.json
 
 $(STAMP): pyproject.toml constraints.txt tools/find_python.sh
 	@test -n "$(PYTHON)" || { echo "No Python 3.12 found (set PYTHON=...)"; exit 1; }
@@ -29,7 +35,21 @@ venv: $(STAMP)
 workbook: $(STAMP)
 	$(PY) -m nailkit workbook
 
-test: $(STAMP)
+gpu-driver:
+	@if [ -f $(SWIFTSHADER_ICD) ] && ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1 '; then \
+	  echo ">> SwiftShader Vulkan driver present ($(SWIFTSHADER_ICD))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo ">> installing SwiftShader Vulkan driver (apt-get install chromium libvulkan1)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get install -y --no-install-recommends chromium libvulkan1 >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y --no-install-recommends chromium libvulkan1; }; } \
+	  || echo "!! could not install chromium/libvulkan1: GPU delegate tests will skip"; \
+	else \
+	  echo "!! SwiftShader Vulkan driver missing and not root/apt: GPU delegate tests will skip" \
+	       "(sudo apt-get install -y chromium libvulkan1)"; \
+	fi
+
+test: $(STAMP) gpu-driver
 	$(PY) -m pytest tests
 
 lab: $(STAMP)

@@ -2,3 +2,9 @@
 step that nothing changed on the way. Each pipeline stage is one module; see README.md for the map."""
 
 __version__ = "0.1.0"
+
+from nailkit import offline as _offline  # noqa: E402
+from nailkit import warnings_filter as _warnings_filter  # noqa: E402
+
+_offline.install()  # HF_HUB_OFFLINE etc.; the socket guard when NAILKIT_OFFLINE=1 (see nailkit/offline.py)
+_warnings_filter.install()  # known, harmless third-party warnings silenced in one place

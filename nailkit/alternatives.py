@@ -18,10 +18,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +26,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from nailkit.checkpoint import atomic_write, file_sha256
+from nailkit import artifacts, subproc
+from nailkit.artifacts import file_sha256
 
 # ----------------------------------------------------------------------------------------------------------------
 # resolution: position embeddings and drift
@@ -119,7 +117,8 @@ def torch_raw(module, images: Sequence[Any], resolution: int):
 def resolution_drift(rf, resolutions: Sequence[int], images: Sequence[Any], *,
                      reference: Optional[int] = None) -> dict[int, dict[str, Any]]:
     """PyTorch at each R vs PyTorch at ``reference`` (default: the model's resolution): detection-level drift with
-    both runs post-processed to the original image size (``nailkit.bench.drift_summary``)."""
+    both runs post-processed to the original image size (``nailkit.bench.drift_summary``). The reference resolution
+    itself is left out: a run compared with itself measures nothing."""
     from nailkit.bench import drift_summary
     from nailkit.model import export_module, validate_resolution
 
@@ -128,6 +127,8 @@ def resolution_drift(rf, resolutions: Sequence[int], images: Sequence[Any], *,
     ref_raws, sizes = torch_raw(export_module(rf, ref_res), images, ref_res)
     out: dict[int, dict[str, Any]] = {}
     for r in resolutions:
+        if r == ref_res:
+            continue
         raws, _ = torch_raw(export_module(rf, r), images, r)
         out[int(r)] = drift_summary(ref_raws, raws, sizes)
     return out
@@ -170,29 +171,27 @@ def detection_only_parity(rf, images: Sequence[Any], resolution: Optional[int] =
 
 def export_detection_only_onnx(rf, out_dir: str | os.PathLike[str], resolution: Optional[int] = None,
                                opset: int = 17) -> Path:
-    """ONNX of ``detection_only_module`` (outputs pred_boxes, pred_logits), cached by checkpoint hash + resolution."""
+    """ONNX of ``detection_only_module`` (outputs pred_boxes, pred_logits), cached by ``nailkit.artifacts``
+    (checkpoint content + resolution + opset)."""
     import torch
 
     from nailkit.model import DETECTION_OUTPUT_NAMES, INPUT_NAME
 
     mod = detection_only_module(rf, resolution)
     res = mod.resolution
-    sha = file_sha256(rf.nailkit_checkpoint)
-    path = Path(out_dir) / f"detonly_{sha}_{res}.onnx"
-    side = path.with_suffix(".onnx.json")
-    if path.exists() and side.exists():
+    h, key = artifacts.artifact_key("detection_only_onnx", artifacts.checkpoint_content(rf.nailkit_checkpoint),
+                                    {"resolution": res, "opset": opset}, ("torch", "onnx", "rfdetr"))
+    path = Path(out_dir) / f"detonly_{h}_{res}.onnx"
+    if artifacts.cached(path, key):
         return path
     x = torch.zeros(1, 3, res, res)
-
-    def write(tmp: Path) -> None:
-        with torch.no_grad():
-            torch.onnx.export(mod, (x,), str(tmp), input_names=[INPUT_NAME], output_names=list(DETECTION_OUTPUT_NAMES),
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
-
-    atomic_write(path, write)
-    atomic_write(side, lambda p: p.write_text(json.dumps(
-        {"checkpoint_sha256": sha, "resolution": res, "segmentation": False, "opset": opset,
-         "route": "ort", "precision": "fp32", "kind": "detection-only"}, indent=2)))
+    with artifacts.staging(path) as work, torch.no_grad():
+        staged = work / path.name
+        torch.onnx.export(mod, (x,), str(staged), input_names=[INPUT_NAME], output_names=list(DETECTION_OUTPUT_NAMES),
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        artifacts.publish(staged, path, {"key": key, "checkpoint_sha256": file_sha256(rf.nailkit_checkpoint),
+                                         "resolution": res, "segmentation": False, "opset": opset, "route": "ort",
+                                         "precision": "fp32", "kind": "detection-only"})
     return path
 
 
@@ -231,7 +230,8 @@ def _trace_with_rfdetr(rf):
 
 def ensure_torchscript(rf, out_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     """Save the TorchScript module of ``rf.inference(compile=True)`` (torch.jit.trace, batch 1, the model's
-    resolution) as ``torchscript_<sha>_<R>.pt``, cached by checkpoint hash. Returns (path, sidecar meta).
+    resolution) as ``torchscript_<key>_<R>.pt``, cached by ``nailkit.artifacts``. Returns an Artifact
+    (``path, meta = ...``).
 
     rfdetr's traced module as is cannot be saved for segmentation models (see ``plain_depthwise_conv``); that
     failure is recorded in the meta (``as_is_error``) and the trace is redone inside ``plain_depthwise_conv``.
@@ -239,39 +239,41 @@ def ensure_torchscript(rf, out_dir: str | os.PathLike[str]) -> tuple[Path, dict[
     """
     import torch
 
-    sha = file_sha256(rf.nailkit_checkpoint)
     res = int(rf.model.resolution)
-    path = Path(out_dir) / f"torchscript_{sha}_{res}.pt"
-    side = path.with_suffix(".pt.json")
-    if path.exists() and side.exists():
-        return path, json.loads(side.read_text())
+    h, key = artifacts.artifact_key("torchscript", artifacts.checkpoint_content(rf.nailkit_checkpoint),
+                                    {"resolution": res}, ("torch", "rfdetr"))
+    path = Path(out_dir) / f"torchscript_{h}_{res}.pt"
+    meta = artifacts.cached(path, key)
+    if meta:
+        return path, meta
     t0 = time.time()
     as_is_error = None
-    try:
-        traced = _trace_with_rfdetr(rf)
-        atomic_write(path, lambda p: torch.jit.save(traced, str(p)))
-    except RuntimeError as exc:
-        as_is_error = " ".join(str(exc).strip().split("\n")[0:2]).strip()
-        rf.remove_optimized_model()
-        with plain_depthwise_conv():
+    with artifacts.staging(path) as work:
+        staged = work / path.name
+        try:
             traced = _trace_with_rfdetr(rf)
-        if not isinstance(traced, torch.jit.ScriptModule):
-            raise RuntimeError(f"rfdetr inference(compile=True) gave {type(traced).__name__}, not TorchScript")
-        atomic_write(path, lambda p: torch.jit.save(traced, str(p)))
-    finally:
-        rf.remove_optimized_model()
-    meta = {"checkpoint_sha256": sha, "resolution": res,
-            "made_by": "rfdetr RFDETR.inference(compile=True) (torch.jit.trace, batch 1)",
-            "as_is_error": as_is_error,
-            "workaround": ("traced inside nailkit.alternatives.plain_depthwise_conv (seg-head depthwise conv as a "
-                           "plain nn.Conv2d call)") if as_is_error else None,
-            "torch": torch.__version__, "seconds": time.time() - t0, "route": "torchscript", "precision": "fp32"}
-    atomic_write(side, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return path, meta
+            torch.jit.save(traced, str(staged))
+        except RuntimeError as exc:
+            as_is_error = " ".join(str(exc).strip().split("\n")[0:2]).strip()
+            rf.remove_optimized_model()
+            with plain_depthwise_conv():
+                traced = _trace_with_rfdetr(rf)
+            if not isinstance(traced, torch.jit.ScriptModule):
+                raise RuntimeError(f"rfdetr inference(compile=True) gave {type(traced).__name__}, not TorchScript")
+            torch.jit.save(traced, str(staged))
+        finally:
+            rf.remove_optimized_model()
+        meta = {"key": key, "checkpoint_sha256": file_sha256(rf.nailkit_checkpoint), "resolution": res,
+                "made_by": "rfdetr RFDETR.inference(compile=True) (torch.jit.trace, batch 1)",
+                "as_is_error": as_is_error,
+                "workaround": ("traced inside nailkit.alternatives.plain_depthwise_conv (seg-head depthwise conv as a "
+                               "plain nn.Conv2d call)") if as_is_error else None,
+                "torch": torch.__version__, "seconds": time.time() - t0, "route": "torchscript", "precision": "fp32"}
+        return artifacts.publish(staged, path, meta)
 
 
 _TS_CHILD = r"""
-import sys, numpy as np, torch
+import json, sys, numpy as np, torch
 m = torch.jit.load(sys.argv[1], map_location="cpu").eval()
 x = torch.from_numpy(np.load(sys.argv[2]))
 with torch.no_grad():
@@ -279,7 +281,8 @@ with torch.no_grad():
 if isinstance(out, dict):
     out = [out[k] for k in ("pred_boxes", "pred_logits", "pred_masks") if k in out]
 np.savez(sys.argv[3], *[o.numpy() for o in out])
-print("modules:", sorted(k for k in sys.modules if k.split(".")[0] in ("rfdetr", "nailkit")))
+mods = sorted(k for k in sys.modules if k.split(".")[0] in ("rfdetr", "nailkit"))
+X
 """
 
 
@@ -303,22 +306,22 @@ def check_torchscript(rf, pt_path: str | os.PathLike[str], image: Any = None, ti
         ref = [o.numpy() for o in mod(torch.from_numpy(x))]
     with tempfile.TemporaryDirectory() as td:
         np.save(Path(td) / "x.npy", x)
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-I", "-c", _TS_CHILD, str(pt_path), str(Path(td) / "x.npy"),
-                               str(Path(td) / "out.npz")], capture_output=True, text=True, timeout=timeout)
-        wall = time.time() - t0
-        if proc.returncode:
+        try:
+            res = subproc.run_python(["-I", "-c", _TS_CHILD, str(pt_path), str(Path(td) / "x.npy"),
+                                      str(Path(td) / "out.npz"), subproc.RESULT_PREFIX], desc="TorchScript child",
+                                     timeout=timeout, progress=False)
+        except subproc.WorkerError as exc:
             raise RuntimeError(f"{pt_path}: loading/running the TorchScript file in a fresh process failed: "
-                               + (proc.stderr.strip().splitlines() or ["?"])[-1])
+                               f"{exc}") from None
+        wall = res["wall_s"]
         got = np.load(Path(td) / "out.npz")
         outs = [got[f"arr_{i}"] for i in range(len(got.files))]
     names = list(mod.output_names)
     if len(outs) < len(names):
         raise RuntimeError(f"{pt_path}: TorchScript module returned {len(outs)} outputs, expected {names}")
     diffs = {n: float(np.abs(o - r).max()) for n, o, r in zip(names, outs, ref)}
-    imported = [ln for ln in proc.stdout.splitlines() if ln.startswith("modules:")]
     return {"path": str(pt_path), "size_mb": Path(pt_path).stat().st_size / 2 ** 20, "max_abs": diffs,
-            "fresh_process_s": wall, "fresh_process_imported": imported[0] if imported else ""}
+            "fresh_process_s": wall, "fresh_process_imported": f"modules: {res['modules']}"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,14 +336,11 @@ def executorch_status() -> dict[str, Any]:
 
     have_exporter = importlib.util.find_spec("rfdetr.export._executorch") is not None
     have_et = importlib.util.find_spec("executorch") is not None
-    status = {"rfdetr_has_executorch_exporter": have_exporter, "executorch_installed": have_et}
-    if not have_et:
-        status["attempted"] = False
-        status["why"] = ("the executorch package is not installed in nailkit's environment; rfdetr's exporter "
-                         "(rfdetr.export._executorch) imports it, so a .pte cannot be produced offline here")
-    else:  # pragma: no cover - not in this environment
-        status["attempted"] = False
-        status["why"] = "executorch is installed; exporting a .pte is not wired into nailkit yet"
+    why = ("the executorch package is not installed in nailkit's environment; rfdetr's exporter "
+           "(rfdetr.export._executorch) imports it, so a .pte cannot be produced offline here") if not have_et else \
+        "executorch is installed; exporting a .pte is not wired into nailkit yet"
+    status = {"rfdetr_has_executorch_exporter": have_exporter, "executorch_installed": have_et, "attempted": False,
+              "why": why}
     status["note"] = ("PyTorch Mobile (the TorchScript lite interpreter) is deprecated; ExecuTorch is its successor "
                       "for on-device PyTorch")
     return status

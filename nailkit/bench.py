@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from nailkit.report import table
+from nailkit.runtime import BACKENDS
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. interleaved latency
@@ -308,8 +310,8 @@ def achieved_fraction(flops: float, latency_ms: float, peak_gflops: float) -> fl
 # 3. backends: what to load, how, and in a fresh process
 # ----------------------------------------------------------------------------------------------------------------
 
-#: backend kinds ``open_backend`` understands
-KINDS = ("torch", "torch-traced", "torchscript", "onnxruntime", "tflite")
+#: backend kinds ``open_backend`` understands: the one vocabulary of ``nailkit.runtime.BACKENDS``
+KINDS = BACKENDS
 
 
 @dataclass
@@ -480,9 +482,10 @@ def _child_main(spec_json: str) -> None:
     first_s = time.perf_counter() - t0
     for _ in range(max(0, runs - 1)):
         run_backend(runner, x)
-    print("NAILKIT_BENCH_RESULT " + json.dumps({
-        "import_s": import_s, "load_s": load_s, "first_run_s": first_s,
-        "rss_after_import_mb": rss_import, "peak_rss_mb": _maxrss_mb(), "rss_now_mb": _rss_mb()}), flush=True)
+    from nailkit.subproc import emit
+
+    emit({"import_s": import_s, "load_s": load_s, "first_run_s": first_s,
+          "rss_after_import_mb": rss_import, "peak_rss_mb": _maxrss_mb(), "rss_now_mb": _rss_mb()})
 
 
 def measure_in_fresh_process(spec: BackendSpec, *, threads: int = 1, runs: int = 3, timeout: float = 900
@@ -493,19 +496,16 @@ def measure_in_fresh_process(spec: BackendSpec, *, threads: int = 1, runs: int =
     the same measure right after importing the runtime (torch only for torch kinds: ORT and TFLite children never
     import it), so ``peak_rss_mb - rss_after_import_mb`` is what loading and running the model costs.
     """
+    from nailkit import subproc
+
     req = json.dumps({"spec": spec.to_json(), "threads": threads, "runs": runs})
-    env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    proc = subprocess.run([sys.executable, "-m", "nailkit.bench", "_child", req], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=str(Path(__file__).resolve().parent.parent))
-    for line in proc.stdout.splitlines():
-        if line.startswith("NAILKIT_BENCH_RESULT "):
-            res = json.loads(line.split(" ", 1)[1])
-            res["model_rss_mb"] = res["peak_rss_mb"] - res["rss_after_import_mb"]
-            return res
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    raise RuntimeError(f"backend {spec.name!r} ({spec.path}) failed in a fresh process (exit {proc.returncode}): "
-                       + " | ".join(tail))
+    try:
+        res = subproc.run_python(["-m", "nailkit.bench", "_child", req], desc=f"fresh process {spec.name}",
+                                 timeout=timeout, progress=False)
+    except subproc.WorkerError as exc:
+        raise RuntimeError(f"backend {spec.name!r} ({spec.path}) failed in a fresh process: {exc}") from None
+    res["model_rss_mb"] = res["peak_rss_mb"] - res["rss_after_import_mb"]
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -604,22 +604,6 @@ def _flop_key(resolution: int, segmentation: bool) -> int:
     return int(resolution) if segmentation else -int(resolution)
 
 
-def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    return format(v, spec)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A markdown table: ``columns`` = (key, header, format spec); missing values print as '–'."""
-    if not columns:
-        raise ValueError("markdown_table needs at least one column")
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
-    sep = "|" + "|".join("---" if f == "s" else "---:" for _, _, f in columns) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k), f) for k, _, f in columns) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
-
-
 HEADLINE_COLUMNS = (
     ("backend", "backend", "s"), ("resolution", "R", "d"), ("x_ort_fp32", "× ORT fp32", ".2f"),
     ("x_pytorch_eager", "× PyTorch eager", ".2f"), ("median_ms", "median ms", ".1f"), ("p90_ms", "p90 ms", ".1f"),
@@ -641,10 +625,10 @@ def markdown_report(res: BenchResult) -> str:
         g = res.gemm.get(t, {})
         lines += [f"## {t} thread{'s' if t != 1 else ''} (GEMM ceiling {g.get('median_gflops', float('nan')):.1f} "
                   f"GFLOP/s{', oversubscribed: more threads than cores' if t > (m.get('cpu_count') or t) else ''})",
-                  "", markdown_table(res.rows(t), HEADLINE_COLUMNS), ""]
+                  "", table(res.rows(t), HEADLINE_COLUMNS), ""]
     if sweep_rows(res):
         lines += ["## Resolution sweep (drift vs PyTorch fp32 at the base resolution, detections on the original "
-                  "image)", "", markdown_table(sweep_rows(res), SWEEP_COLUMNS), ""]
+                  "image)", "", table(sweep_rows(res), SWEEP_COLUMNS), ""]
     if res.flops:
         lines += ["## FLOPs (counted: matmul/conv/attention; other ops listed as uncounted)", ""]
         for k, v in sorted(res.flops.items(), key=lambda kv: (kv[0] < 0, abs(kv[0]))):
@@ -846,16 +830,16 @@ def valid_numbers(res: BenchResult) -> list[str]:
 def find_tflite(output_dir: str | Path, checkpoint_sha256: str, route: str, precision: str, resolution: int
                 ) -> Optional[Path]:
     """A .tflite that ``nailkit.tflite.ensure_tflite`` already wrote for this checkpoint/route/precision/resolution
-    (its sidecar says so), newest first; None when there is none. Never converts."""
+    (its sidecar says so, and the file's sha256 still equals the sidecar's), newest first; None when there is none.
+    Never converts."""
+    from nailkit.artifacts import file_sha256, read_sidecar
+
     hits = []
-    for side in Path(output_dir, "tflite").glob(f"{route}_{resolution}_*/model_{precision}.tflite.json"):
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError):
-            continue
-        f = side.with_name(side.name[:-len(".json")])
-        if f.is_file() and meta.get("checkpoint_sha256") == checkpoint_sha256 and meta.get("route") == route \
-                and int(meta.get("resolution", -1)) == int(resolution) and meta.get("precision") == precision:
+    for f in Path(output_dir, "tflite").glob(f"{route}_{resolution}_*/model_{precision}.tflite"):
+        meta = read_sidecar(f) or {}
+        if meta.get("checkpoint_sha256") == checkpoint_sha256 and meta.get("route") == route \
+                and int(meta.get("resolution", -1)) == int(resolution) and meta.get("precision") == precision \
+                and meta.get("sha256") == file_sha256(f, 64):
             hits.append(f)
     return max(hits, key=lambda p: p.stat().st_mtime) if hits else None
 
@@ -878,7 +862,7 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
     Returns (specs, notes): ``notes['missing']`` lists what was asked for but has no artifact yet.
     """
     from nailkit.alternatives import ensure_torchscript, export_detection_only_onnx
-    from nailkit.checkpoint import file_sha256
+    from nailkit.artifacts import file_sha256
     from nailkit.model import validate_resolution
     from nailkit.onnx_export import ensure_onnx
 
@@ -962,7 +946,7 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
 
 
 def cli_bench(args) -> int:  # pragma: no cover - exercised by the notebook
-    from nailkit.checkpoint import atomic_write
+    from nailkit.artifacts import atomic_write
     from nailkit.data import sample_images
     from nailkit.model import resolve_checkpoint
 

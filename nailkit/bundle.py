@@ -8,6 +8,7 @@
                             latency on this machine, versions
     <out>/preprocess.py     byte-identical copy of nailkit/preprocess.py   (numpy + Pillow)
     <out>/postprocess.py    byte-identical copy of nailkit/postprocess.py  (numpy)
+    <out>/io_contract.py    byte-identical copy of nailkit/io_contract.py  (numpy; ai-edge-litert to run the model)
     <out>/run_bundle.py     entry point / library: numpy + Pillow + ai-edge-litert only
     <out>/README.md         for the app developer
 
@@ -31,7 +32,7 @@ BUNDLE_FILES = PACKAGE_DIR / "bundle_files"
 MODEL_FILE = "model.tflite"
 #: files copied verbatim into every bundle: {name in bundle: source}
 COPIED = {"preprocess.py": PACKAGE_DIR / "preprocess.py", "postprocess.py": PACKAGE_DIR / "postprocess.py",
-          "run_bundle.py": BUNDLE_FILES / "run_bundle.py"}
+          "io_contract.py": PACKAGE_DIR / "io_contract.py", "run_bundle.py": BUNDLE_FILES / "run_bundle.py"}
 
 OUTPUT_MEANINGS = {
     "pred_boxes": ("boxes", "normalised [0,1] (cx, cy, w, h) relative to the model input; multiply by the ORIGINAL "
@@ -57,49 +58,23 @@ POSTPROCESS_STEPS = [
 ]
 
 
-def _tensor_info(d: dict[str, Any]) -> dict[str, Any]:
-    q = d.get("quantization") or (0.0, 0)
-    return {"name": d["name"], "shape": [int(s) for s in d["shape"]], "dtype": np.dtype(d["dtype"]).name,
-            "quantization": {"scale": float(q[0]), "zero_point": int(q[1])} if q and q[0] else None}
-
-
 def read_tflite_io(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Input and outputs of a .tflite, read off the file with ai_edge_litert; outputs identified by shape and meaning
-    (``nailkit.tflite.identify_outputs``), masks' axis order decided by which axis equals Q."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Input and outputs of a .tflite, read off the file by ``nailkit.io_contract.TFLiteModel`` (the code the bundle
+    runs), each output with its meaning, description, format and value kind for the model card."""
+    from nailkit.io_contract import TFLiteModel
 
-    from nailkit.tflite import check_tflite_file, identify_outputs
-
-    p = check_tflite_file(path)
-    interp = Interpreter(model_path=str(p))
-    ins = interp.get_input_details()
-    if len(ins) != 1:
-        raise ValueError(f"{p}: expected one image input, found {len(ins)}")
-    inp = _tensor_info(ins[0])
-    shape = inp["shape"]
-    if len(shape) != 4 or shape[0] != 1 or 3 not in (shape[1], shape[3]):
-        raise ValueError(f"{p}: input shape {shape} is not an image batch; expected [1,R,R,3] or [1,3,R,R]")
-    layout = "NHWC" if shape[3] == 3 else "NCHW"
-    res = shape[1] if layout == "NHWC" else shape[2]
-    inp.update(layout=layout, resolution=int(res))
-    details = interp.get_output_details()
-    index = identify_outputs(details)
-    q = int(details[index["pred_logits"]]["shape"][1])
-    outs = []
-    for meaning, i in sorted(index.items(), key=lambda kv: list(OUTPUT_MEANINGS).index(kv[0])):
-        info = _tensor_info(details[i])
-        info["meaning"] = meaning
-        what, coords, kind = OUTPUT_MEANINGS[meaning]
+    model = TFLiteModel(path)
+    io = model.describe()
+    model.close()
+    for info in io["outputs"]:
+        what, coords, kind = OUTPUT_MEANINGS[info["meaning"]]
         info.update(description=what, format=coords, values=kind)
-        if meaning == "pred_masks":
-            s = info["shape"]
-            info["layout"] = "NQHW" if s[1] == q else "NHWQ"
-        outs.append(info)
-    return {"input": inp, "outputs": outs, "num_queries": q}
+    return io
 
 
 def tflite_raw(path: str | os.PathLike[str], images: Sequence[Any], threads: Optional[int] = None):
-    """Run the bundle's own loader (run_bundle.BundleModel logic, via nailkit.runtime) on images → RawOutputs."""
+    """The .tflite on ``images`` through ``nailkit.runtime`` (``io_contract.TFLiteModel``): RawOutputs, sizes,
+    runner."""
     from nailkit.runtime import make_runner
 
     runner = make_runner(str(path), backend="tflite", threads=threads)
@@ -188,12 +163,11 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
         raise FileNotFoundError(f"{ckpt}: no such checkpoint; expected an rfdetr .pth")
     rf = load_model(ckpt, trusted=trusted, output_dir=out_root)
     if tflite:
-        from nailkit.tflite import check_tflite_file
+        from nailkit.artifacts import read_sidecar
+        from nailkit.io_contract import check_tflite_file
 
         src = check_tflite_file(tflite)
-        from nailkit.runtime import _sidecar_meta
-
-        meta = dict(_sidecar_meta(src))
+        meta = dict(read_sidecar(src) or {})
         meta.setdefault("route", route)
         meta.setdefault("precision", precision)
     else:
@@ -209,12 +183,12 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
     latency = measure_latency(src, latency_threads, latency_runs)
     labels = list(rf.class_names)
     num_select = int(getattr(rf.model.postprocess, "num_select", 200))
-    from nailkit.checkpoint import file_sha256
+    from nailkit.artifacts import file_sha256
     from nailkit.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     card = {
         "model_file": MODEL_FILE,
-        "model_sha256": file_sha256(src),
+        "model_sha256": file_sha256(src, 64),
         "source": {"checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt),
                    "architecture": getattr(rf.nailkit_report, "rfdetr_class", None) or "RFDETRSegPreview",
                    "route": meta.get("route", route), "precision": meta.get("precision", precision),
@@ -301,6 +275,7 @@ Everything the app needs is in this folder; `model_card.json` is the machine-rea
 | `labels.txt` | class names, line *i* = class id *i* |
 | `preprocess.py` | reference preprocessing (numpy + Pillow) |
 | `postprocess.py` | reference post-processing (numpy only) |
+| `io_contract.py` | reads the model's outputs by shape and meaning, (de)quantises, runs it (numpy, ai-edge-litert) |
 | `run_bundle.py` | runs it all: `python run_bundle.py photo.jpg --json out.json` (numpy, Pillow, ai-edge-litert) |
 
 ## Input

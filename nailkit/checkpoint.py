@@ -11,16 +11,16 @@ exact architecture (RFDETRSegPreview, 2 classes), random weights.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
-import tempfile
 import types
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from nailkit.artifacts import atomic_write, file_sha256  # noqa: F401  (re-exported: train.py, notebooks 05/06)
 
 #: Class names written into the demo checkpoint: 2 classes, as in the researcher's nail dataset.
 DEMO_CLASS_NAMES = ["background", "Nail"]
@@ -61,8 +61,8 @@ def _sniff(path: Path) -> str | None:
     stripped = head.lstrip()
     if stripped[:1] in (b"{", b"["):
         return "a JSON/text file"
-    if b"onnx" in head.lower() or b"pytorch" in head.lower() and head[:1] == b"\x08":
-        return "an ONNX model"
+    if head[:1] == b"\x08" and (b"onnx" in head.lower() or b"pytorch" in head.lower()):
+        return "an ONNX model"  # ModelProto: field 1 (ir_version) first, then the producer name
     if head[4:8] == b"TFL3":
         return "a TFLite model"
     try:
@@ -348,22 +348,6 @@ def inspect(path_or_ckpt: str | os.PathLike[str] | dict[str, Any], *, trusted: b
 # --------------------------------------------------------------------------------------------------------------------
 # Demo checkpoint
 # --------------------------------------------------------------------------------------------------------------------
-def atomic_write(path: Path, writer) -> Path:
-    """Call ``writer(tmp_path)`` then rename into place, so a failure never leaves a half-written ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def make_demo_checkpoint(path: str | os.PathLike[str], seed: int = DEMO_SEED) -> Path:
     """Write a random-weight RFDETRSegPreview (2 classes) checkpoint in rfdetr's own format.
 
@@ -382,18 +366,3 @@ def make_demo_checkpoint(path: str | os.PathLike[str], seed: int = DEMO_SEED) ->
     args.nailkit_demo = True
     payload = {"model": rf.model.model.state_dict(), "args": args, "epoch": 0}
     return atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
-
-
-def report_json(report: CheckpointReport) -> str:
-    return json.dumps(report.to_json(), indent=2, default=str)
-
-
-def file_sha256(path: str | os.PathLike[str], length: int = 12) -> str:
-    """Short content hash of a file: the cache key that ties every artifact to the checkpoint it came from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(handler="nailkit.cli:cli_make_dataset")
 
     s = sub.add_parser("train-demo", help="train the seed's architecture on a dataset with rfdetr's own trainer")
-    s.add_argument("--dataset", required=True)
+    s.add_argument("--dataset", required=False, help="Roboflow-layout COCO folder (train/ valid/)")
     s.add_argument("--out", required=True, help="where the trained .pth goes")
     s.add_argument("--minutes", type=float, default=60.0, help="time box for this run")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=2e-4)
     s.add_argument("--work-dir", default=None, help="resumable state (default ~/.cache/nailkit/train-demo)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--package-only", action="store_true",
+                   help="no training: write --out from the work folder's best weights (e.g. after a stopped run)")
     s.set_defaults(handler="nailkit.train:cli_train_demo")
 
     s = sub.add_parser("evaluate", help="box/mask mAP (pycocotools) of a .pth/.onnx/.tflite on a COCO split")
@@ -93,13 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trusted", action="store_true")
     s.set_defaults(handler="nailkit.onnx_export:cli_export_onnx")
 
-    s = sub.add_parser("convert", help="checkpoint → ONNX → TFLite (verified, per precision)")
-    s.add_argument("checkpoint")
-    s.add_argument("--out", required=True)
+    s = sub.add_parser("convert", help="checkpoint → ONNX → TFLite (published only after its gate passed)")
+    s.add_argument("checkpoint", help="rfdetr .pth ('' = the demo checkpoint)")
+    s.add_argument("--out", required=True, help="output directory (the artifact cache lives under it)")
     s.add_argument("--route", choices=["onnx2tf", "litert"], default="onnx2tf")
-    s.add_argument("--precision", type=_strs, default=["fp32", "fp16", "int8"])
-    s.add_argument("--resolution", type=int, default=None)
-    s.add_argument("--trusted", action="store_true")
+    s.add_argument("--precision", type=_strs, default=["fp32", "fp16", "int8"],
+                   help="comma list of fp32, fp16, int8 (and full_int8 on route onnx2tf, reported, not gated)")
+    s.add_argument("--resolution", type=int, default=None, help="default: the checkpoint's")
+    s.add_argument("--trusted", action="store_true", help="allow unpickling arbitrary objects (only files you trust)")
     s.set_defaults(handler="nailkit.tflite:cli_convert")
 
     s = sub.add_parser("predict", help="run a .pth/.onnx/.tflite on images; write overlays + detections JSON")

@@ -1,7 +1,8 @@
 """Sample images for the notebooks and tests (``data/``).
 
 * Synthetic hand/nail-like images with ground-truth nail masks, drawn deterministically from a seed.
-* Real photographs bundled with scikit-image (public domain / CC0, see ``data/LICENSES.md``), copied and downscaled.
+* Real photographs bundled with scikit-image (public domain / CC0), copied and downscaled; each photo's source and
+  licence are recorded in ``data/manifest.json``.
 
 ``python -m nailkit make-data`` regenerates ``data/``; the committed copies are what tests and notebooks read.
 """

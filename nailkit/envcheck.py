@@ -8,35 +8,19 @@ is which executable a conversion subprocess will find, and its version.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from importlib import metadata
-from pathlib import Path
 
 #: onnxsim version onnx2tf 2.6.9 pins; measured to give a file byte-identical to onnxsim-prebuilt 0.4.39's here.
 EXPECTED_ONNXSIM = "0.6.5"
 
 
-def venv_bin() -> Path:
-    return Path(sys.executable).parent
-
-
-def conversion_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a conversion subprocess: this interpreter's bin dir first on PATH, offline, quiet TF."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(venv_bin()), env.get("PATH", "")])
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.update(extra or {})
-    return env
-
-
 def onnxsim_for_onnx2tf(env: dict[str, str] | None = None) -> tuple[str | None, str | None]:
     """(path, version) of the ``onnxsim`` executable that onnx2tf will run in a conversion subprocess."""
-    env = env or conversion_env()
+    from nailkit.subproc import child_env
+
+    env = env or child_env()
     exe = shutil.which("onnxsim", path=env["PATH"])
     if exe is None:
         return None, None

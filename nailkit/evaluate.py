@@ -244,13 +244,14 @@ class RowSpec:
 
 
 def accuracy_specs(checkpoint: str | os.PathLike[str], rf, out_dir: str | os.PathLike[str], *,
-                   resolutions: Sequence[int], onnx: bool = True, routes: Sequence[str] = ("onnx2tf", "litert"),
-                   precisions: Sequence[str] = ("fp32", "fp16", "int8"),
+                   resolutions: Sequence[int], onnx: bool = True,
+                   tflite: Optional[dict[str, Sequence[str]]] = None,
                    tflite_resolutions: Optional[Sequence[int]] = None) -> list[RowSpec]:
     """The rows to score, making (or reusing from the cache) each ONNX / TFLite file through the verified stages.
 
-    PyTorch runs at every resolution; ONNX Runtime too (``onnx``); TFLite routes × precisions at
-    ``tflite_resolutions`` (default: the model's own resolution only — each extra one is a conversion)."""
+    PyTorch runs at every resolution; ONNX Runtime too (``onnx``); ``tflite`` maps a route to its precisions
+    (default: both routes × fp32/fp16/int8), converted at ``tflite_resolutions`` (default: the model's own resolution
+    only — each extra one is a conversion)."""
     from nailkit.onnx_export import ensure_onnx
     from nailkit.tflite import ensure_tflite
 
@@ -260,11 +261,11 @@ def accuracy_specs(checkpoint: str | os.PathLike[str], rf, out_dir: str | os.Pat
         for r in resolutions:
             path, _meta = ensure_onnx(checkpoint, out_dir, resolution=int(r), rf=rf)
             specs.append(RowSpec("onnxruntime", "fp32", int(r), str(path), str(path)))
+    if tflite is None:
+        tflite = {"onnx2tf": ("fp32", "fp16", "int8"), "litert": ("fp32", "fp16", "int8")}
     for r in (tflite_resolutions or [base]):
-        for route in routes:
+        for route, precisions in tflite.items():
             for prec in precisions:
-                if route == "litert" and prec not in ("fp32", "fp16", "int8"):
-                    continue
                 path, _meta = ensure_tflite(checkpoint, out_dir, route=route, precision=prec, resolution=int(r))
                 specs.append(RowSpec(f"tflite-{route}", prec, int(r), str(path), str(path)))
     return specs

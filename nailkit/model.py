@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 from nailkit.checkpoint import (
     DEMO_SEED,
     CheckpointError,
-    CheckpointReport,
     args_of,
     inspect,
     load_checkpoint,
@@ -69,11 +69,19 @@ def demo_checkpoint_path(output_dir: str | os.PathLike[str] | None = None, seed:
     return path
 
 
+#: The trained demo nail model (fp32, committed once) and the default of every notebook and CLI example.
+TRAINED_DEMO = REPO_ROOT / "data" / "models" / "nails_seg_preview.pth"
+
+
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None
                        ) -> Path:
-    """Map the notebooks' ``checkpoint`` parameter to a file: empty → the demo checkpoint."""
+    """Map the notebooks' ``checkpoint`` parameter to a file: empty → the trained demo model in data/models/
+    (the random-weight demo is ``demo_checkpoint_path()``, for tests that need any model of this architecture)."""
     if checkpoint in (None, ""):
-        return demo_checkpoint_path(output_dir)
+        if not TRAINED_DEMO.is_file():
+            raise CheckpointError(f"{TRAINED_DEMO}: the trained demo model is missing from this checkout; pass a "
+                                  f".pth, or build the random-weight demo with `python -m nailkit demo-checkpoint`")
+        return TRAINED_DEMO
     path = Path(checkpoint)
     if not path.exists() and (path.name in _registry_names() or str(checkpoint).startswith("rf-detr-")):
         raise CheckpointError(
@@ -140,10 +148,6 @@ def load_model(checkpoint: str | os.PathLike[str] | None = None, *, trusted: boo
     return rf
 
 
-def model_report(rf) -> CheckpointReport:
-    return rf.nailkit_report
-
-
 def block_size(rf) -> int:
     """Resolutions must be multiples of patch_size × num_windows (24 for SegPreview)."""
     cfg = rf.model_config
@@ -164,11 +168,28 @@ def validate_resolution(rf, resolution: int | None) -> int:
 
 
 
-def export_module(rf, resolution: int | None = None, *, segmentation: bool = True):
+def export_module(rf, resolution: int | None = None, *, segmentation: bool = True, mask_queries: int | None = None,
+                  sampling: str | None = None, return_query_indices: bool = False):
     """Export-mode copy of the network at a fixed square resolution (rfdetr's own export preparation).
 
     Returns an ``nn.Module`` whose forward takes a normalized NCHW float32 batch and returns a tuple
     ``(pred_boxes, pred_logits[, pred_masks])``. The rfdetr model itself is not modified.
+
+    Options (defaults reproduce the plain rfdetr export graph):
+
+    * ``mask_queries=N``: keep only the N highest-scoring queries (score = max class logit, i.e. the max sigmoid
+      score; ties by ascending query index, like ``postprocess.select_topk``) and compute masks for those N only.
+      Outputs become ``pred_boxes [B,N,4]``, ``pred_logits [B,N,C]``, ``pred_masks [B,N,h,w]``, rows in descending
+      score order, so the app's post-processing is unchanged (it just sees N queries instead of 200). The N rows are
+      exactly the full model's rows for those queries. The selection is TopK- and Gather-free (pairwise ranks and a
+      one-hot matmul, see ``select_queries``), so the graph keeps exactly one TopK (the two-stage selection) and
+      nailkit's selection-aware parity applies unchanged. Every (query, class) pair among the full model's top N
+      pairs belongs to one of the N kept queries, so the first N detections are the same.
+    * ``return_query_indices=True`` (only with ``mask_queries``): a 4th output ``query_indices [B,N]`` int32, the
+      kept queries' indices in the full model's 200 (diagnostic; off by default because nailkit identifies outputs by
+      rank/dtype and an integer rank-2 output already means ``topk_indices``).
+    * ``sampling``: ``None`` keeps rfdetr's ``grid_sample`` deformable sampling; ``"tent"`` swaps in the gather-free
+      matmul sampler of ``nailkit.sampling`` (``SAMPLERS`` lists the choices).
     """
     import torch
     from rfdetr.export._backend import _switch_to_export_mode
@@ -179,9 +200,23 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
     if segmentation and not has_seg:
         raise ValueError("segmentation outputs requested but this checkpoint has no segmentation head "
                          "(detection-only); pass segmentation=False")
+    num_queries = int(rf.model.model.num_queries)
+    if mask_queries is not None:
+        mask_queries = int(mask_queries)
+        if not segmentation:
+            raise ValueError("mask_queries needs the segmentation outputs (segmentation=True)")
+        if not 1 <= mask_queries <= num_queries:
+            raise ValueError(f"mask_queries must be between 1 and the model's {num_queries} queries, "
+                             f"got {mask_queries}")
+    if return_query_indices and mask_queries is None:
+        raise ValueError("return_query_indices needs mask_queries")
     net = copy.deepcopy(rf.model.model).cpu().eval()
     graph = prepare_export_graph(net, rf.model_config, shape=(res, res), device="cpu")
     _switch_to_export_mode(graph.model)
+    if sampling is not None:
+        from nailkit.sampling import swap_deformable_sampling
+
+        swap_deformable_sampling(graph.model, sampling)
 
     class ExportModule(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module, n_out: int) -> None:
@@ -193,10 +228,92 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
             out = self.inner(x)
             return tuple(out[: self.n_out])
 
-    mod = ExportModule(graph.model, 3 if segmentation else 2).eval()
+    if mask_queries is None:
+        mod = ExportModule(graph.model, 3 if segmentation else 2).eval()
+        mod.output_names = OUTPUT_NAMES if segmentation else DETECTION_OUTPUT_NAMES
+    else:
+        mod = _mask_query_module_class()(graph.model, mask_queries, return_query_indices).eval()
+        mod.output_names = OUTPUT_NAMES + (("query_indices",) if return_query_indices else ())
     mod.resolution = res
-    mod.output_names = OUTPUT_NAMES if segmentation else DETECTION_OUTPUT_NAMES
+    mod.mask_queries = mask_queries
+    mod.sampling = sampling
     return mod
+
+
+def select_queries(scores, n: int):
+    """One-hot selection matrix [B, n, Q] (float32) of the ``n`` highest ``scores`` [B, Q], descending, ties by
+    ascending index (the order of a stable descending argsort).
+
+    TopK- and Gather-free: query j outranks query i when ``s_j > s_i``, or ``s_j == s_i`` and ``j < i``; the rank of
+    i is the number of queries that outrank it (a strict total order, so ranks are 0..Q-1 without repeats) and row r
+    of the result is the one-hot of the query with rank r. ``sel @ t`` then picks rows of ``t`` exactly (one term is
+    x·1, all others are 0·y).
+    """
+    import torch
+
+    q = scores.shape[-1]
+    s_i = scores.unsqueeze(-1)  # [B, Q(i), 1]
+    s_j = scores.unsqueeze(-2)  # [B, 1, Q(j)]
+    earlier = torch.ones(q, q, dtype=torch.bool, device=scores.device).tril(-1)  # [i, j]: j < i
+    beats = torch.where(earlier, s_j >= s_i, s_j > s_i)  # [B, i, j]: j outranks i
+    rank = beats.to(torch.float32).sum(-1)  # [B, Q], exact small integers
+    slots = torch.arange(n, dtype=torch.float32, device=scores.device)
+    return (rank.unsqueeze(-2) == slots[:, None]).to(torch.float32)  # [B, n, Q]
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_query_module_class():
+    import torch
+
+    class MaskQueryExportModule(torch.nn.Module):
+        """rfdetr's ``LWDETR.forward_export`` (segmentation path) with the top-N query selection before the mask head.
+
+        Same modules and the same math as ``forward_export`` up to the decoder and the box/class heads; then the N
+        best queries are selected (``select_queries``) and only their decoder features go through the mask head.
+        """
+
+        def __init__(self, inner: torch.nn.Module, mask_queries: int, return_query_indices: bool = False) -> None:
+            super().__init__()
+            if getattr(inner, "segmentation_head", None) is None or getattr(inner, "use_grouppose_keypoints", False):
+                raise ValueError("mask_queries needs a segmentation model without keypoints")
+            if getattr(inner, "transformer", None) is None or not getattr(inner.transformer, "decoder", None):
+                raise ValueError("mask_queries needs a model with a decoder")
+            self.inner = inner
+            self.n = int(mask_queries)
+            self.return_query_indices = bool(return_query_indices)
+
+        def forward(self, x: torch.Tensor):
+            m = self.inner
+            srcs, _, poss, cross_attn_srcs = m.backbone(x)
+            hs, ref_unsigmoid = m.transformer(srcs, None, poss, m.refpoint_embed.weight[: m.num_queries],
+                                              m.query_feat.weight[: m.num_queries],
+                                              cross_attn_srcs=cross_attn_srcs)[:2]
+            if m.bbox_reparam:
+                delta = m.bbox_embed(hs)
+                cxcy = delta[..., :2] * ref_unsigmoid[..., 2:] + ref_unsigmoid[..., :2]
+                wh = delta[..., 2:].exp() * ref_unsigmoid[..., 2:]
+                boxes = torch.concat([cxcy, wh], dim=-1)
+            else:
+                boxes = (m.bbox_embed(hs) + ref_unsigmoid).sigmoid()
+            logits = m.class_embed(hs)
+            sel = select_queries(logits.max(-1)[0], self.n)  # [B, N, Q]
+            boxes_n = torch.matmul(sel, boxes)
+            logits_n = torch.matmul(sel, logits)
+            hs_n = torch.matmul(sel, hs)
+            masks = m.segmentation_head(srcs[0], [hs_n], x.shape[-2:])[0]
+            if self.return_query_indices:
+                q = hs.shape[1]
+                idx = torch.matmul(sel, torch.arange(q, dtype=torch.float32, device=x.device)).to(torch.int32)
+                return boxes_n, logits_n, masks, idx
+            return boxes_n, logits_n, masks
+
+    return MaskQueryExportModule
+
+
+def __getattr__(name: str):  # lazy: torch is imported only when the class is used
+    if name == "MaskQueryExportModule":
+        return _mask_query_module_class()
+    raise AttributeError(name)
 
 
 def forward_raw(rf, x) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Notebook plumbing: write notebooks from cell lists, execute them with papermill, strip outputs, read summaries.
+"""Notebook plumbing: execute notebooks with papermill, strip outputs, write and read summaries.
 
 Notebooks in ``notebooks/`` are committed without outputs. Executed copies go to ``outputs/executed/`` and each
 notebook writes ``outputs/<stem>.json`` with the numbers it claims (``write_summary``/``read_summary``).
@@ -7,11 +7,10 @@ notebook writes ``outputs/<stem>.json`` with the numbers it claims (``write_summ
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -29,29 +28,9 @@ QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     "06_benchmark": {"runs": 3, "warmup": 1, "threads": "1", "resolutions": "432,336", "max_images": 3,
                      "sweep_backends": "torch,onnxruntime,tflite-litert", "convert_sweep_tflite": False,
                      "memory": "pytorch eager,onnxruntime fp32,tflite litert fp32"},
+    # CI: 30 test images; PyTorch + ORT at 432 and 336 (06 left both), the TFLite files 04 made
+    "07_accuracy": {"max_images": 30, "resolutions": "432,336", "litert_precisions": "fp32"},
 }
-
-
-def write_notebook(path: str | Path, cells: Iterable[tuple[str, str] | tuple[str, str, list[str]]]) -> Path:
-    """Write a notebook from (kind, source[, tags]) tuples; kind is 'md' or 'code'. Outputs are empty."""
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python (nailkit)", "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
-    for cell in cells:
-        kind, source = cell[0], cell[1].strip("\n")
-        tags = list(cell[2]) if len(cell) > 2 else []
-        c = nbformat.v4.new_markdown_cell(source) if kind == "md" else nbformat.v4.new_code_cell(source)
-        if tags:
-            c.metadata["tags"] = tags
-        nb.cells.append(c)
-    for i, c in enumerate(nb.cells):
-        c["id"] = f"cell-{i:02d}"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(path))
-    return path
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
@@ -96,8 +75,11 @@ def run_notebook(path: str | Path, parameters: dict[str, Any] | None = None, *, 
     path = Path(path)
     out = Path(output_dir) / "executed" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    params = {"output_dir": str(output_dir)}
+    params = {"output_dir": str(Path(output_dir).resolve())}
     params.update(parameters or {})
+    from nailkit import offline
+
+    offline.activate()  # the kernel inherits NAILKIT_OFFLINE=1: nailkit's socket guard is on in it too
     pm.execute_notebook(str(path), str(out), parameters=params, kernel_name=KERNEL_NAME, cwd=str(path.parent),
                         execution_timeout=timeout, progress_bar=False, log_output=False)
     return out
@@ -105,16 +87,13 @@ def run_notebook(path: str | Path, parameters: dict[str, Any] | None = None, *, 
 
 def write_summary(stem: str, summary: dict[str, Any], output_dir: str | Path = OUTPUT_DIR) -> Path:
     """Write ``<output_dir>/<stem>.json`` (atomically) with the numbers a notebook claims."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{stem}.json"
-    tmp = path.with_suffix(".json.part")
+    from nailkit.artifacts import atomic_write
+
     summary = dict(summary)
     summary.setdefault("notebook", stem)
     summary.setdefault("written_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(summary, indent=2, default=_json_default)
+    return atomic_write(Path(output_dir) / f"{stem}.json", lambda tmp: tmp.write_text(text))
 
 
 def read_summary(stem: str, output_dir: str | Path = OUTPUT_DIR) -> dict[str, Any]:
@@ -141,8 +120,11 @@ def _json_default(o: Any) -> Any:
 def cli_workbook(args) -> int:
     failures = 0
     params: dict[str, Any] = {}
-    if args.checkpoint:
-        params["checkpoint"] = args.checkpoint
+    if args.checkpoint:  # notebooks run with cwd=notebooks/: hand them an absolute path
+        ckpt = Path(args.checkpoint).expanduser().resolve()
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint file (resolved to {ckpt})")
+        params["checkpoint"] = str(ckpt)
     for nb in notebook_paths(args.only):
         p = dict(QUICK_PARAMETERS.get(nb.stem, {})) if args.quick else {}
         p.update(params)

@@ -9,9 +9,13 @@
   per-output max/mean abs, query-matched comparison, top-10 IoU-matched detections with mask IoU — plus node
   histogram, file size. ``report.passed`` is the GATE: a silently wrong export (e.g. one corrupted initializer)
   fails it.
-* ``ensure_onnx(checkpoint, output_dir, ...) -> (path, meta)``: cached, verified export under ``output_dir/onnx/``,
-  keyed by ``file_sha256(checkpoint)`` + parameters (sidecar ``<file>.onnx.json``).
+* ``ensure_onnx(checkpoint, output_dir, ...) -> Artifact`` (``path, meta = ...``): cached, verified export under
+  ``output_dir/onnx/`` (``nailkit.artifacts``: keyed by the checkpoint's content + parameters + versions, sidecar
+  ``<file>.onnx.json``). The file is exported into a staging folder, verified there, and published only when the gate
+  passed; a failing gate raises ``ParityError`` and leaves nothing under the final name.
 * ``cli_export_onnx(args)``: ``python -m nailkit export-onnx``.
+
+The tolerances are ``nailkit.gates.GATES["onnx"]``; tables and plots of a report are in ``nailkit.report``.
 """
 
 from __future__ import annotations
@@ -25,15 +29,13 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from nailkit.checkpoint import atomic_write, file_sha256
+from nailkit import artifacts, gates
+from nailkit.artifacts import atomic_write
 from nailkit.model import INPUT_NAME, export_module
 
 DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
-#: gate thresholds (ORT vs PyTorch, fp32): every output's max-abs, and detection-level agreement
-MAX_ABS_TOL = 1e-3
-MIN_MASK_IOU = 0.999
-TOP_K = 10
-CACHE_VERSION = 1
+#: versions that enter the cache key
+ONNX_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxslim", "rfdetr")
 
 
 class ParityError(RuntimeError):
@@ -141,8 +143,8 @@ class OnnxParityReport:
     output_shapes: dict[str, list[int]]
     node_histogram: dict[str, int]
     file_bytes: int
-    max_abs_tol: float = MAX_ABS_TOL
-    min_mask_iou: float = MIN_MASK_IOU
+    max_abs_tol: float = gates.GATES["onnx"]["max_abs"]
+    min_mask_iou: float = gates.GATES["onnx"]["min_mask_iou"]
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -182,7 +184,7 @@ class OnnxParityReport:
                 "failures": self.failures, "num_images": len(self.images), "max_abs": self.max_abs(),
                 "mean_abs": self.mean_abs(), "max_abs_tol": self.max_abs_tol,
                 "queries_permuted": max((im.query["num_permuted"] for im in self.images), default=0),
-                "top_k": TOP_K, "detections_matched": sum(d["num_matched"] for d in dets),
+                "top_k": gates.TOP_K, "detections_matched": sum(d["num_matched"] for d in dets),
                 "detections_expected": sum(d["num_a"] for d in dets),
                 "min_mask_iou": min(mins) if mins else None,
                 "max_box_l1_px": max((d["max_box_l1_px"] for d in dets), default=0.0),
@@ -191,28 +193,15 @@ class OnnxParityReport:
                 "num_nodes": int(sum(self.node_histogram.values())), "seconds": round(self.seconds, 1)}
 
     def markdown(self) -> str:
-        lines = ["| image | output | max abs | mean abs | query-matched max abs | ok |", "|---|---|---|---|---|---|"]
-        for r in self.table():
-            qm = "" if r["query_matched_max_abs"] is None else f"{r['query_matched_max_abs']:.2e}"
-            lines.append(f"| {r['image']} | {r['output']} | {r['max_abs']:.2e} | {r['mean_abs']:.2e} | {qm} | "
-                         f"{'✓' if r['ok'] else '✗'} |")
-        return "\n".join(lines)
+        from nailkit.report import onnx_parity_table
+
+        return onnx_parity_table(self)
 
     def plot_per_query(self, ax=None, image_index: int = 0):
-        """Per-query max-abs error (after query matching) of logits, boxes and masks, log scale."""
-        import matplotlib.pyplot as plt
+        """Per-query max-abs error after query matching (``nailkit.report.plot_per_query``)."""
+        from nailkit.report import plot_per_query
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(9, 3))
-        im = self.images[image_index]
-        for name, vals in im.per_query.items():
-            ax.semilogy(np.maximum(np.asarray(vals), 1e-12), ".", ms=3, label=name)
-        ax.axhline(self.max_abs_tol, color="r", ls="--", lw=1, label=f"gate {self.max_abs_tol:g}")
-        ax.set_xlabel("query (reference order)")
-        ax.set_ylabel("max |ORT − PyTorch|\n(exact 0 drawn at 1e-12)", fontsize=8)
-        ax.set_title(f"per-query error, {im.image}")
-        ax.legend(fontsize=8, ncol=4)
-        return ax
+        return plot_per_query(ax, self, image_index)
 
 
 def _torch_module(rf_or_module, resolution: int):
@@ -225,13 +214,13 @@ def _torch_module(rf_or_module, resolution: int):
 
 
 def verify_onnx(rf_or_module, onnx_path: str | os.PathLike[str], images: Optional[Sequence[Any]] = None, *,
-                max_abs_tol: float = MAX_ABS_TOL, min_mask_iou: float = MIN_MASK_IOU, top_k: int = TOP_K,
-                threads: Optional[int] = None) -> OnnxParityReport:
+                tolerances: Optional[dict[str, float]] = None, threads: Optional[int] = None) -> OnnxParityReport:
     """Compare onnxruntime with the PyTorch export-mode module on ``images`` (default: the real photos in data/).
 
-    GATE (``report.passed``): on every image, every output's max-abs difference ≤ ``max_abs_tol`` AND the
-    reference's top-``top_k`` detections all find an IoU-matched partner with the same class and mask IoU ≥
-    ``min_mask_iou``. ``report.failures`` says which check failed where."""
+    GATE (``report.passed``): ``nailkit.gates.check("onnx", ...)`` on every image — every output's max-abs
+    difference, and the reference's top-k detections each with an IoU-matched partner of the same class, close box,
+    score and mask. ``tolerances`` overrides ``gates.GATES["onnx"]`` (experiments only). ``report.failures`` says
+    which check failed where."""
     import onnx
     import torch
 
@@ -254,9 +243,10 @@ def verify_onnx(rf_or_module, onnx_path: str | os.PathLike[str], images: Optiona
     proto = onnx.load(str(path), load_external_data=False)
     names = [o.name for o in proto.graph.output]
     shapes = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    tol = dict(gates.GATES["onnx"], **(tolerances or {}))
     report = OnnxParityReport(onnx_path=str(path), resolution=res, images=[], output_shapes=shapes,
                               node_histogram=onnx_op_histogram(proto), file_bytes=path.stat().st_size,
-                              max_abs_tol=max_abs_tol, min_mask_iou=min_mask_iou)
+                              max_abs_tol=tol["max_abs"], min_mask_iou=tol["min_mask_iou"])
     del proto
     for img in images:
         arr = load_image(img)
@@ -270,20 +260,17 @@ def verify_onnx(rf_or_module, onnx_path: str | os.PathLike[str], images: Optiona
         td = tensor_diff(ref, ort_out)
         raw_ref, raw_ort = raw_from_outputs(ref_out), raw_from_outputs(ort_out)
         qm = query_matched_diff(raw_ref, raw_ort)
-        dp = detection_parity(raw_ref, raw_ort, size, top_k=top_k)
+        dp = detection_parity(raw_ref, raw_ort, size, top_k=gates.TOP_K)
         name = Path(img).name if isinstance(img, (str, os.PathLike)) else f"image{len(report.images)}"
         per_query = {"logits": qm.per_query_logit_abs.tolist(), "boxes": qm.per_query_box_abs.tolist()}
         if qm.per_query_mask_abs is not None:
             per_query["masks"] = qm.per_query_mask_abs.tolist()
-        ok = dp.agrees(min_mask_iou=min_mask_iou, max_box_l1_px=1.0, max_score_diff=max_abs_tol)
+        fails = gates.check("onnx", {"max_abs": {k: v["max_abs"] for k, v in td.items()},
+                                     "detections": dp.summary()}, tol)
         report.images.append(ImageParity(image=name, size=tuple(size), tensor=td, query=qm.summary(),
                                          detections=dp.summary(), detection_rows=dp.rows(), per_query=per_query,
-                                         agrees=ok))
-        for k, v in td.items():
-            if not v["max_abs"] <= max_abs_tol:  # also catches NaN
-                report.failures.append(f"{name}: {k} max-abs {v['max_abs']:.3g} > {max_abs_tol:g}")
-        if not ok:
-            report.failures.append(f"{name}: top-{top_k} detections disagree ({dp.summary()})")
+                                         agrees=not gates.detection_failures(tol, dp.summary())))
+        report.failures += [f"{name}: {f}" for f in fails]
     runner.close()
     report.seconds = time.time() - t0
     return report
@@ -298,23 +285,21 @@ def onnx_file_name(stem: str, resolution: int, exporter: str, opset: int, simpli
             + ("" if segmentation else "_det") + ".onnx")
 
 
-def sidecar_path(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
 def ensure_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                 resolution: int | None = None, opset: int | None = None, exporter: str = "legacy",
                 simplify: bool = False, segmentation: bool = True, *, images: Optional[Sequence[Any]] = None,
-                rf=None, force: bool = False, verify: bool = True) -> tuple[Path, dict[str, Any]]:
-    """A verified ONNX file for ``checkpoint`` under ``output_dir/onnx/``, reused when its sidecar key
-    (checkpoint sha256 + parameters) matches and the file is unchanged; otherwise exported and verified.
+                rf=None, force: bool = False, verify: bool = True) -> artifacts.Artifact:
+    """A verified ONNX file for ``checkpoint`` under ``output_dir/onnx/`` (``path, meta = ensure_onnx(...)``), reused
+    when its sidecar key (checkpoint content + parameters + versions) matches and the file's sha256 is unchanged;
+    otherwise exported into a staging folder, verified there, and published only when the gate passed.
 
     ``checkpoint`` "" = the demo; ``resolution`` None = the checkpoint's; ``opset`` None = 17 (legacy) / 18 (dynamo);
     ``images`` default: the real photos in data/; ``rf``: an already loaded model for ``checkpoint`` (saves a load).
-    Raises ``ParityError`` (a RuntimeError; the file is removed) when the verification gate fails, ValueError for an
+    ``verify=False`` publishes an unverified file (``meta["verified"]`` False), which a later ``verify=True`` call
+    re-exports. Raises ``ParityError`` (a RuntimeError; nothing is published) when the gate fails, ValueError for an
     invalid resolution, CheckpointError for a detection-only checkpoint when ``segmentation`` is requested.
-    ``meta``: key, bytes, export_seconds (simplify_seconds), parity summary, node_histogram, cached, and — when it
-    was verified in this call — ``report`` (the full ``OnnxParityReport``)."""
+    ``meta``: key, sha256, bytes, export_seconds (simplify_seconds), parity summary, node_histogram, cached, and —
+    when it was verified in this call — ``report`` (the full ``OnnxParityReport``)."""
     from nailkit.model import DEFAULT_OUTPUT_DIR, load_model, resolve_checkpoint, validate_resolution
 
     out_dir = Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR
@@ -322,75 +307,53 @@ def ensure_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint file; expected an rfdetr .pth")
     opset = opset or default_opset(exporter)
-    sha = file_sha256(ckpt)
     rf = rf or load_model(ckpt, require_segmentation=segmentation, output_dir=out_dir)
     res = validate_resolution(rf, resolution)
-    key = {"version": CACHE_VERSION, "checkpoint_sha256": sha, "resolution": res, "opset": opset,
-           "exporter": exporter, "simplify": bool(simplify), "segmentation": bool(segmentation)}
-    path = out_dir / "onnx" / onnx_file_name(f"{Path(ckpt).stem}_{sha[:8]}", res, exporter, opset, simplify,
-                                             segmentation)
-    side = sidecar_path(path)
-    if not force and path.is_file() and side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except ValueError:
-            meta = {}
-        if meta.get("key") == key and meta.get("onnx_sha256") == file_sha256(path) and \
-                meta.get("parity", {}).get("passed", not verify):
-            meta["cached"] = True
-            return path, meta
-    path, emeta = export_onnx_with_meta(rf, path, resolution=res, opset=opset, exporter=exporter,
-                                        segmentation=segmentation, simplify=simplify)
-    meta = {"key": key, "checkpoint": str(ckpt), **emeta, "class_names": list(rf.class_names),
-            "num_select": int(getattr(rf.model.postprocess, "num_select", 200))}
-    if verify:
-        report = verify_onnx(rf, path, images)
-        meta["parity"] = report.summary()
-        meta["node_histogram"] = report.node_histogram
-        meta["verify_seconds"] = round(report.seconds, 1)
-        if not report.passed:
-            path.unlink(missing_ok=True)
-            raise ParityError(f"{path}: ONNX export FAILED verification against PyTorch and was removed: "
-                               + "; ".join(report.failures[:3]))
-    meta["onnx_sha256"] = file_sha256(path)
-    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, default=str)))
-    meta["cached"] = False
-    if verify:
-        meta["report"] = report  # the full OnnxParityReport (per-query errors, detection rows); not in the sidecar
-    return path, meta
-
-
-def format_parity(summary: dict[str, Any]) -> str:
-    lines = [f"parity vs PyTorch on {summary['num_images']} image(s): {'PASS' if summary['passed'] else 'FAIL'}"]
-    for k, v in summary["max_abs"].items():
-        lines.append(f"  {k:12s} max-abs {v:.2e}  mean-abs {summary['mean_abs'][k]:.2e}  "
-                     f"shape {summary['output_shapes'].get(k)}")
-    lines.append(f"  top-{summary['top_k']} detections matched {summary['detections_matched']}/"
-                 f"{summary['detections_expected']}, min mask IoU {summary['min_mask_iou']}, "
-                 f"max box diff {summary['max_box_l1_px']:.3g}px, max score diff {summary['max_score_diff']:.2e}")
-    for f in summary.get("failures", []):
-        lines.append(f"  FAILED: {f}")
-    return "\n".join(lines)
+    content = artifacts.checkpoint_content(ckpt)
+    h, key = artifacts.artifact_key("onnx", content, {"resolution": res, "opset": opset, "exporter": exporter,
+                                                      "simplify": bool(simplify), "segmentation": bool(segmentation)},
+                                    ONNX_PACKAGES)
+    path = out_dir / "onnx" / onnx_file_name(f"model_{h[:12]}", res, exporter, opset, simplify, segmentation)
+    meta = None if force else artifacts.cached(path, key)
+    if meta and (meta.get("verified") or not verify):
+        meta["cached"] = True
+        return artifacts.Artifact(path, meta)
+    report = None
+    with artifacts.staging(path) as work:
+        staged, emeta = export_onnx_with_meta(rf, work / path.name, resolution=res, opset=opset, exporter=exporter,
+                                              segmentation=segmentation, simplify=simplify)
+        meta = {"key": key, "checkpoint": str(ckpt), "checkpoint_content": content, **emeta,
+                "class_names": list(rf.class_names), "verified": bool(verify),
+                "num_select": int(getattr(rf.model.postprocess, "num_select", 200))}
+        if verify:
+            report = verify_onnx(rf, staged, images)
+            report.onnx_path = str(path)
+            meta["parity"] = report.summary()
+            meta["node_histogram"] = report.node_histogram
+            meta["verify_seconds"] = round(report.seconds, 1)
+            if not report.passed:
+                raise ParityError(f"{path}: ONNX export FAILED verification against PyTorch and was not published: "
+                                  + "; ".join(report.failures[:3]))
+        art = artifacts.publish(staged, path, meta)
+    art.meta["cached"] = False
+    if report is not None:
+        art.meta["report"] = report  # the full OnnxParityReport (per-query errors, detection rows); not in the sidecar
+    return art
 
 
 def cli_export_onnx(args) -> int:
     """python -m nailkit export-onnx CKPT --out DIR [--resolution R] [--opset N] [--exporter E] [--simplify]"""
     from nailkit.model import load_model, resolve_checkpoint
+    from nailkit.report import format_onnx_parity
 
     out = Path(args.out)
     ckpt = resolve_checkpoint(args.checkpoint, out)
     rf = load_model(ckpt, trusted=getattr(args, "trusted", False), output_dir=out)
-    try:
-        path, meta = ensure_onnx(ckpt, out, resolution=args.resolution, opset=args.opset, exporter=args.exporter,
-                                 simplify=args.simplify, rf=rf)
-    except ParityError as exc:
-        import sys
-
-        print(f"nailkit export-onnx: parity FAILED: {exc}", file=sys.stderr)
-        return 1
+    path, meta = ensure_onnx(ckpt, out, resolution=args.resolution, opset=args.opset, exporter=args.exporter,
+                             simplify=args.simplify, rf=rf)  # a failing gate raises ParityError: one line, exit 2
     print(path)
     print(f"  {meta['bytes'] / 1e6:.1f} MB, {meta['exporter']} exporter, opset {meta['opset']}, "
           f"resolution {meta['resolution']}" + (" (cached)" if meta.get("cached") else
                                                 f", exported in {meta.get('export_seconds')} s"))
-    print(format_parity(meta["parity"]))
-    return 0 if meta["parity"]["passed"] else 1
+    print(format_onnx_parity(meta["parity"]))
+    return 0

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from nailkit.postprocess import Prediction, RawOutputs, cxcywh_to_xyxy, postprocess
+from nailkit.gates import TIE_EPS, TOP_K
+from nailkit.postprocess import Prediction, RawOutputs, postprocess
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,16 +105,14 @@ def query_matched_diff(ref: RawOutputs, other: RawOutputs) -> QueryMatchedDiff:
 # ----------------------------------------------------------------------------------------------------------------
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes: [N,4] x [M,4] -> [N,M]."""
+    """Pairwise IoU of xyxy boxes: [N,4] x [M,4] -> [N,M] (``supervision.box_iou_batch``; 0 where a union is empty)."""
+    import supervision as sv
+
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+    if not len(a) or not len(b):
+        return np.zeros((len(a), len(b)))
+    return np.nan_to_num(np.asarray(sv.box_iou_batch(a, b), dtype=np.float64), nan=0.0)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -164,14 +163,12 @@ class DetectionParity:
     def all_same_class(self) -> bool:
         return all(m.same_class for m in self.matches)
 
-    def agrees(self, *, min_mask_iou: float = 0.999, max_box_l1_px: float = 1.0, max_score_diff: float = 1e-3) -> bool:
-        """All detections matched one-to-one, same class, boxes/scores close, masks (if any) nearly identical."""
-        if self.unmatched_a or self.unmatched_b or not self.all_same_class:
-            return False
-        if self.max_box_l1_px > max_box_l1_px or self.max_score_diff > max_score_diff:
-            return False
-        mi = self.min_mask_iou
-        return mi is None or mi >= min_mask_iou
+    def agrees(self, **tolerances: float) -> bool:
+        """All detections matched one-to-one, same class, boxes/scores close, masks (if any) nearly identical:
+        ``nailkit.gates.DETECTIONS``, overridden by ``tolerances`` (min_mask_iou, max_box_l1_px, max_score_diff)."""
+        from nailkit import gates
+
+        return not gates.detection_failures(dict(gates.DETECTIONS, **tolerances), self.summary())
 
     def summary(self) -> dict[str, Any]:
         return {"num_a": self.num_a, "num_b": self.num_b, "num_matched": self.num_matched,
@@ -221,7 +218,7 @@ def _take(pred: Prediction, idx: np.ndarray) -> Prediction:
                       class_name=pred.class_name[idx])
 
 
-def detection_parity(raw_ref: RawOutputs, raw_other: RawOutputs, image_size: tuple[int, int], *, top_k: int = 10,
+def detection_parity(raw_ref: RawOutputs, raw_other: RawOutputs, image_size: tuple[int, int], *, top_k: int = TOP_K,
                      iou_thr: float = 0.5, mask_threshold: float = 0.0, margin: int = 5) -> DetectionParity:
     """Post-process both runs (threshold 0) and compare the reference's top-``top_k`` detections by IoU.
 
@@ -336,7 +333,7 @@ def score_gap_at(scores: np.ndarray, k: int) -> float:
     return float(s[k - 1] - s[k]) if s.size > k else float("inf")
 
 
-def detection_score_gap(raw: RawOutputs, top_k: int = 10) -> float:
+def detection_score_gap(raw: RawOutputs, top_k: int = TOP_K) -> float:
     """Gap between the top_k-th and next detection score (sigmoid over the flattened [Q, C] grid)."""
     from nailkit.postprocess import sigmoid
 
@@ -350,8 +347,8 @@ def _global_mask_iou(a: np.ndarray, b: np.ndarray, thr: float = 0.0) -> float:
 
 
 def selection_aware_parity(module: Any, x: np.ndarray, ref: Mapping[str, np.ndarray],
-                           backend: Mapping[str, np.ndarray], image_size: tuple[int, int], *, top_k: int = 10,
-                           tie_eps: float = 1e-4) -> dict[str, Any]:
+                           backend: Mapping[str, np.ndarray], image_size: tuple[int, int], *, top_k: int = TOP_K,
+                           tie_eps: float = TIE_EPS) -> dict[str, Any]:
     """All five comparison levels for one image.
 
     ``ref`` is ``run_torch_with_selection(module, x)``; ``backend`` the artifact's outputs by name (it must include

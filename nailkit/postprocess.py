@@ -11,6 +11,14 @@ A line-by-line numpy re-implementation of rfdetr 1.11.2 ``RFDETR.predict()`` pos
 5. masks: the selected queries' mask logits (at 1/4 of the input resolution) are resized bilinearly
    (half-pixel centres, no antialias) to the original image size, *then* thresholded: logit > ``mask_threshold``.
 
+Options beyond predict() (defaults reproduce it exactly):
+
+* ``mask_upsample="guided"``: after the bilinear resize of the logits, an edge-aware refinement — He et al.'s guided
+  filter (box filters via cumulative sums, numpy only) of the mask probability with the image's grey levels as the
+  guide — then thresholded at the probability of ``mask_threshold``. Needs ``image=``.
+* masks for selected queries only (``RawOutputs.mask_queries``): the GPU target's Graph C computes masks just for the
+  rows the host picked (``select_mask_queries``); ``select_proposals`` is the host top-k between Graph A and B.
+
 Class ids index ``class_names``; the extra logit slot (id == num_classes) is rfdetr's no-object slot, named
 ``"__background__"`` like rfdetr does.
 """
@@ -35,12 +43,15 @@ class RawOutputs:
     """One image's raw model outputs in nailkit's canonical layout (batch dimension removed).
 
     boxes: [Q, 4] normalised cxcywh; logits: [Q, C] raw class logits; masks: [Q, h, w] mask logits or None.
+    With ``mask_queries`` ([K] query indices), ``masks`` is [K, h, w]: row i belongs to query ``mask_queries[i]``
+    (the GPU target computes masks for the selected queries only).
     """
 
     boxes: np.ndarray
     logits: np.ndarray
     masks: Optional[np.ndarray] = None
     extra: dict = field(default_factory=dict)
+    mask_queries: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32)
@@ -50,7 +61,12 @@ class RawOutputs:
         q = self.logits.shape[0]
         if self.boxes.ndim != 2 or self.boxes.shape != (q, 4) or self.logits.ndim != 2:
             raise ValueError(f"expected boxes [Q,4] and logits [Q,C]; got {self.boxes.shape} and {self.logits.shape}")
-        if self.masks is not None and (self.masks.ndim != 3 or self.masks.shape[0] != q):
+        if self.mask_queries is not None:
+            self.mask_queries = np.asarray(self.mask_queries, dtype=np.int64).reshape(-1)
+            if self.masks is None or self.masks.ndim != 3 or self.masks.shape[0] < len(self.mask_queries):
+                raise ValueError(f"mask_queries needs masks [K,h,w] with K >= {len(self.mask_queries)}; "
+                                 f"got {None if self.masks is None else self.masks.shape}")
+        elif self.masks is not None and (self.masks.ndim != 3 or self.masks.shape[0] != q):
             raise ValueError(f"expected masks [Q,h,w] with Q={q}; got {self.masks.shape}")
 
 
@@ -107,10 +123,21 @@ def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
+MASK_UPSAMPLE = ("bilinear", "guided")
+
+
 def postprocess(raw: RawOutputs, image_size: tuple[int, int], *, threshold: float = 0.5,
                 num_select: int = 200, mask_threshold: float = 0.0,
-                class_names: Optional[Sequence[str]] = None) -> Prediction:
-    """rfdetr ``predict()`` post-processing for one image. ``image_size`` is the original (width, height)."""
+                class_names: Optional[Sequence[str]] = None, mask_upsample: str = "bilinear",
+                image: Optional[np.ndarray] = None, guided_radius: Optional[int] = None,
+                guided_eps: float = 1e-3) -> Prediction:
+    """rfdetr ``predict()`` post-processing for one image. ``image_size`` is the original (width, height).
+
+    ``mask_upsample``: "bilinear" (rfdetr's rule: logits resized bilinearly to the image, then thresholded) or
+    "guided" (that, then a guided-filter refinement along the edges of ``image``, [H,W,3] uint8/float RGB).
+    """
+    if mask_upsample not in MASK_UPSAMPLE:
+        raise ValueError(f"mask_upsample must be one of {MASK_UPSAMPLE}, not {mask_upsample!r}")
     width, height = int(image_size[0]), int(image_size[1])
     num_classes_plus_bg = raw.logits.shape[1]
     scores, labels, queries = select_topk(raw.logits, num_select)
@@ -122,7 +149,23 @@ def postprocess(raw: RawOutputs, image_size: tuple[int, int], *, threshold: floa
     masks = None
     if raw.masks is not None:
         if len(queries):
-            masks = bilinear_resize(raw.masks[queries], height, width) > mask_threshold
+            if raw.mask_queries is not None:
+                row = {int(qi): i for i, qi in enumerate(raw.mask_queries)}
+                missing = [int(qi) for qi in queries if int(qi) not in row]
+                if missing:
+                    raise ValueError(f"no mask row for queries {missing[:5]} (the mask slots held "
+                                     f"{len(raw.mask_queries)} queries); raise the slot count")
+                logits_sel = raw.masks[[row[int(qi)] for qi in queries]]
+            else:
+                logits_sel = raw.masks[queries]
+            up = bilinear_resize(logits_sel, height, width)
+            if mask_upsample == "guided":
+                if image is None:
+                    raise ValueError("mask_upsample='guided' needs image= (the original RGB image)")
+                masks = guided_refine(up, image, mask_threshold=mask_threshold, radius=guided_radius,
+                                      eps=guided_eps)
+            else:
+                masks = up > mask_threshold
         else:
             masks = np.zeros((0, height, width), dtype=bool)
     names = list(class_names) if class_names is not None else []
@@ -131,3 +174,97 @@ def postprocess(raw: RawOutputs, image_size: tuple[int, int], *, threshold: floa
                            (names[c] if c < len(names) else "") for c in labels], dtype=object)
     return Prediction(xyxy=boxes, confidence=scores.astype(np.float32), class_id=labels, query_index=queries,
                       mask=masks, class_name=class_name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# edge-aware mask refinement (numpy only)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _box_mean(x: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)² window, clipped at the borders, over the last two axes (cumulative sums)."""
+    h, w = x.shape[-2:]
+    c = np.cumsum(np.cumsum(np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 0), (1, 0)]), axis=-2), axis=-1)
+    y0 = np.clip(np.arange(h) - r, 0, h)
+    y1 = np.clip(np.arange(h) + r + 1, 0, h)
+    x0 = np.clip(np.arange(w) - r, 0, w)
+    x1 = np.clip(np.arange(w) + r + 1, 0, w)
+    s = (c[..., y1[:, None], x1[None, :]] - c[..., y0[:, None], x1[None, :]]
+         - c[..., y1[:, None], x0[None, :]] + c[..., y0[:, None], x0[None, :]])
+    n = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+    return s / n
+
+
+def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """He, Sun & Tang's guided filter (grey guide [H,W] in 0–1, src [..., H, W]): edge-preserving smoothing of
+    ``src`` that follows the edges of ``guide``."""
+    g = np.asarray(guide, dtype=np.float64)
+    p = np.asarray(src, dtype=np.float64)
+    mg = _box_mean(g, radius)
+    mp = _box_mean(p, radius)
+    cov = _box_mean(g * p, radius) - mg * mp
+    var = _box_mean(g * g, radius) - mg * mg
+    a = cov / (var + eps)
+    b = mp - a * mg
+    return (_box_mean(a, radius) * g + _box_mean(b, radius)).astype(np.float32)
+
+
+def guided_refine(up_logits: np.ndarray, image: np.ndarray, *, mask_threshold: float = 0.0,
+                  radius: Optional[int] = None, eps: float = 1e-3) -> np.ndarray:
+    """Refine full-size mask logits [N,H,W] along the image's edges; returns bool masks [N,H,W].
+
+    The probability sigmoid(logit) is guided-filtered with the grey image as guide (radius default: 1/4-resolution
+    cell size ≈ max(H,W)/108, at least 2) and thresholded at sigmoid(mask_threshold), so the decision rule is the
+    default's where the image has no edge.
+    """
+    img = np.asarray(image)
+    if img.ndim == 3:
+        img = img[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = img.astype(np.float32)
+    if grey.max(initial=0) > 1.5:
+        grey = grey / 255.0
+    if grey.shape != up_logits.shape[-2:]:
+        raise ValueError(f"guide image {grey.shape} and masks {up_logits.shape[-2:]} differ in size")
+    r = int(radius) if radius else max(2, int(round(max(grey.shape) / 108)))
+    prob = sigmoid(up_logits)
+    ref = guided_filter(grey, prob, r, eps)
+    return ref > float(sigmoid(np.float32(mask_threshold)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the GPU target's host steps (between Graph A → B and B → C), numpy only
+# ----------------------------------------------------------------------------------------------------------------
+
+def select_proposals(enc_logits: np.ndarray, enc_boxes: np.ndarray, num_queries: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """rfdetr's two-stage query selection: score = max over class logits per token; the top ``num_queries``
+    tokens (descending score; ties by ascending index) and their proposal boxes.
+
+    enc_logits [HW, C], enc_boxes [HW, 4] (Graph A, batch removed) → (ref_boxes [Q, 4] float32, indices [Q] int64).
+    """
+    scores = np.asarray(enc_logits, dtype=np.float32).max(-1)
+    k = min(int(num_queries), scores.shape[0])
+    idx = np.argsort(-scores, kind="stable")[:k].astype(np.int64)
+    return np.ascontiguousarray(np.asarray(enc_boxes, dtype=np.float32)[idx]), idx
+
+
+def select_mask_queries(logits: np.ndarray, query_features: np.ndarray, *, num_select: int = 200,
+                        threshold: float = 0.5, slots: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Which queries need a mask: those that survive predict()'s selection (top ``num_select`` (query, class) pairs
+    by sigmoid score, score > ``threshold``), each once, best first, at most ``slots``.
+
+    Returns (rows [slots, D] float32: their query features, zero-padded — Graph C's input; query indices [K]).
+    """
+    scores, _, queries = select_topk(logits, num_select)
+    seen: list[int] = []
+    for s_, q_ in zip(scores, queries):
+        if s_ <= threshold:
+            break
+        if int(q_) not in seen:
+            seen.append(int(q_))
+        if len(seen) == slots:
+            break
+    qf = np.asarray(query_features, dtype=np.float32)
+    rows = np.zeros((int(slots), qf.shape[-1]), dtype=np.float32)
+    if seen:
+        rows[:len(seen)] = qf[seen]
+    return rows, np.asarray(seen, dtype=np.int64)

@@ -4,7 +4,7 @@ The API (stable; other stages build on it)::
 
     runner = make_runner(model, backend=None, threads=None, resolution=None)
         # model: an rfdetr object, or a path to a .pth / .onnx / .tflite; backend: None (by file type) or one of
-        # BACKENDS = ("torch", "torch-traced", "onnxruntime", "tflite", "tflite-noxnnpack")
+        # BACKENDS (torch, torch-traced, onnxruntime, tflite, tflite-noxnnpack; "torchscript" is nailkit.bench's)
     runner.run(x)                  # x: preprocessed float32 NCHW [1,3,R,R] -> RawOutputs (boxes [Q,4] cxcywh,
                                    #    logits [Q,C], masks [Q,h,w] logits), whatever the backend's own layout
     runner.predict_raw(image)      # image: path / PIL / numpy -> (RawOutputs, (orig_w, orig_h)); exact rfdetr
@@ -20,21 +20,21 @@ Backends:
   rfdetr's ``RFDETR.inference(compile=True)`` path (``torch.jit.trace`` of the deployment-mode network, which runs on
   CPU); at a resolution other than the model's, the export-mode module is traced instead.
 * ``OnnxRunner(path, threads=None)``: onnxruntime, CPUExecutionProvider, ``intra_op_num_threads=threads``.
-* ``TFLiteRunner(path, threads=None, use_xnnpack=True)``: ``ai_edge_litert.interpreter.Interpreter``; with
-  ``use_xnnpack=False`` the builtin kernels run without the default XNNPACK delegate
-  (``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``). Quantised (int8/uint8) inputs/outputs are (de)quantised
-  with the tensor's own scale/zero-point.
+* ``TFLiteRunner(path, threads=None, use_xnnpack=True)``: ``nailkit.io_contract.TFLiteModel`` (the one TFLite runner,
+  shared with the parity gates and the bundle); ``use_xnnpack=False`` runs the builtin kernels without the default
+  XNNPACK delegate. Quantised inputs/outputs are (de)quantised with the tensor's own scale/zero-point.
 
-Outputs are mapped **by shape and meaning, never by position or name** (``canonical_outputs``): boxes = the
-``[1,Q,4]`` output whose values lie in [0, 1], logits = ``[1,Q,C]``, masks = the rank-4 output, ``[1,Q,h,w]`` or the
-NHWC ``[1,h,w,Q]`` that onnx2tf writes (told apart by Q). Inputs may be NCHW ``[1,3,R,R]`` or NHWC ``[1,R,R,3]``
-(onnx2tf); ``run`` always takes NCHW and transposes when the model wants NHWC.
+Outputs are mapped **by shape and meaning, never by position** (``canonical_outputs`` → ``io_contract``): boxes
+``[1,Q,4]``, logits ``[1,Q,C]`` (when C == 4 too, the output names decide, else the values: boxes lie in [0, 1]),
+masks the rank-4 output, ``[1,Q,h,w]`` or the NHWC ``[1,h,w,Q]`` that onnx2tf writes (told apart by Q). Inputs may
+be NCHW ``[1,3,R,R]`` or NHWC ``[1,R,R,3]`` (onnx2tf); ``run`` always takes NCHW and transposes when the model wants
+NHWC.
 
 Helpers for notebook 05 (and anyone comparing backends): ``find_tflite_artifacts(dir, checkpoint_sha256)`` (the
 .tflite files whose sidecar names this checkpoint), ``build_runners(rf, onnx_path=, tflite=, backends=, threads=)``,
 ``run_all(runners, images)``, ``consistency_rows(results, precision, ...)`` (IoU-matched detections vs torch, gated per
-precision by ``CONSISTENCY_GATES``), ``time_runner`` / ``benchmark_rows`` (median ms, FPS, detected count),
-``format_rows`` (plain-text table).
+precision by ``nailkit.gates``), ``time_runner`` / ``benchmark_rows`` (median ms, FPS, detected count),
+``format_rows`` (``nailkit.report``'s plain-text table, re-exported for notebook 05).
 
 Heavy imports (torch, onnxruntime, ai_edge_litert) happen inside the classes, so ``import nailkit.runtime`` is cheap.
 ``cli_predict`` implements ``python -m nailkit predict MODEL IMAGE... [--backend] [--threshold] [--out]``: overlay PNGs
@@ -52,12 +52,16 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from nailkit import gates
+from nailkit.report import format_rows  # noqa: F401  (re-exported: notebook 05)
 from nailkit.postprocess import Prediction, RawOutputs, postprocess
 from nailkit.preprocess import ImageLike, load_image, preprocess, to_nhwc
 
-BACKENDS = ("torch", "torch-traced", "onnxruntime", "tflite", "tflite-noxnnpack")
-_BACKEND_ALIASES = {"pytorch": "torch", "eager": "torch", "traced": "torch-traced", "torchscript": "torch-traced",
-                    "onnx": "onnxruntime", "ort": "onnxruntime", "litert": "tflite",
+#: the one backend vocabulary (``nailkit.bench`` uses it too). ``make_runner`` opens all but "torchscript" (a saved
+#: TorchScript .pt, which the benchmark runs itself).
+BACKENDS = ("torch", "torch-traced", "torchscript", "onnxruntime", "tflite", "tflite-noxnnpack")
+_BACKEND_ALIASES = {"pytorch": "torch", "eager": "torch", "traced": "torch-traced",
+                    "onnx": "onnxruntime", "ort": "onnxruntime", "litert": "tflite", "pt": "torchscript",
                     "tflite-no-xnnpack": "tflite-noxnnpack"}
 DEFAULT_NUM_SELECT = 200  # rfdetr's num_select for the segmentation models
 
@@ -74,6 +78,7 @@ class Runner:
     num_select: int = DEFAULT_NUM_SELECT
     threads: Optional[int] = None
     last_ms: float = float("nan")
+    output_names: Optional[list[str]] = None  # names of ``_forward``'s arrays, when the model has them
 
     # -- to implement ------------------------------------------------------------------------------------------
     def _forward(self, x: np.ndarray) -> list[np.ndarray]:  # pragma: no cover - abstract
@@ -91,7 +96,7 @@ class Runner:
         t0 = time.perf_counter()
         arrays = self._forward(native)
         self.last_ms = (time.perf_counter() - t0) * 1000.0
-        return canonical_outputs(arrays, where=self.name)
+        return canonical_outputs(arrays, where=self.name, names=self.output_names)
 
     def predict_raw(self, image: ImageLike) -> tuple[RawOutputs, tuple[int, int]]:
         """Preprocess ``image`` exactly like rfdetr and run it: (RawOutputs, (orig_width, orig_height))."""
@@ -129,70 +134,38 @@ class Runner:
 # Output mapping by shape and meaning
 # ---------------------------------------------------------------------------------------------------------------
 
-def canonical_outputs(arrays: Sequence[np.ndarray], where: str = "model") -> RawOutputs:
-    """Map a model's outputs, in any order and with any names, to ``RawOutputs`` by shape and meaning.
+def canonical_outputs(arrays: Sequence[np.ndarray], where: str = "model",
+                      names: Optional[Sequence[str]] = None) -> RawOutputs:
+    """Map a model's outputs, in any order, to ``RawOutputs`` by shape and meaning (``nailkit.io_contract``).
 
-    * boxes: rank 3, ``[1,Q,4]``, values in [0, 1] (normalised cxcywh after the model's sigmoid);
-    * logits: rank 3, ``[1,Q,C]`` (C = num_classes + 1; when C == 4 too, the one with values outside [0, 1]);
-    * masks: rank 4, ``[1,Q,h,w]`` or NHWC ``[1,h,w,Q]`` (detected by which axis equals Q); optional;
+    * boxes ``[1,Q,4]``, logits ``[1,Q,C]``; when C == 4 too, the ``names`` decide, else the values (boxes in [0,1]);
+    * masks: rank 4, ``[1,Q,h,w]`` or NHWC ``[1,h,w,Q]`` (by which axis equals Q); optional;
     * rank-2 selection outputs (float ``enc_scores`` [1,S], integer ``topk_indices`` [1,Q]) go to ``raw.extra``.
     """
+    from nailkit import io_contract
+
     arrays = [np.asarray(a) for a in arrays]
     for a in arrays:
         if a.ndim == 0 or a.shape[0] != 1:
             raise ValueError(f"{where}: output of shape {list(a.shape)} has no batch dimension of 1; expected "
                              f"[1,Q,4] boxes, [1,Q,C] logits and [1,Q,h,w] (or [1,h,w,Q]) masks")
-    rank2 = [a for a in arrays if a.ndim == 2]
-    rank3 = [a for a in arrays if a.ndim == 3]
-    rank4 = [a for a in arrays if a.ndim == 4]
-    extra: dict[str, np.ndarray] = {}
-    for a in rank2:  # nailkit's selection outputs (see nailkit.parity): float enc_scores [1,S], int topk_indices [1,Q]
-        key = "topk_indices" if np.issubdtype(a.dtype, np.integer) else "enc_scores"
-        if key in extra:
-            raise ValueError(f"{where}: two rank-2 {'integer' if key == 'topk_indices' else 'float'} outputs; "
-                             f"expected at most one enc_scores [1,S] and one topk_indices [1,Q]")
-        extra[key] = a
-    if len(rank3) != 2 or len(rank4) > 1 or len(rank2) + len(rank3) + len(rank4) != len(arrays):
+    ranks = [a.ndim for a in arrays]
+    if ranks.count(3) != 2 or ranks.count(4) > 1 or any(r not in (2, 3, 4) for r in ranks):
         raise ValueError(f"{where}: outputs {[list(a.shape) for a in arrays]} are not rfdetr's; expected two rank-3 "
                          f"outputs ([1,Q,4] boxes, [1,Q,C] logits) and at most one rank-4 mask output")
-    a, b = rank3
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{where}: box/logit outputs {list(a.shape)} and {list(b.shape)} disagree on the number "
-                         f"of queries")
-    four = [t for t in rank3 if t.shape[2] == 4]
-    if not four:
-        raise ValueError(f"{where}: no [1,Q,4] box output among {[list(t.shape) for t in arrays]}")
-    if len(four) == 1:
-        boxes = four[0]
-        logits = b if boxes is a else a
-    else:  # C == 4 as well: boxes are the sigmoid output in [0, 1]
-        in_unit = [bool(np.all((t >= 0) & (t <= 1))) for t in rank3]
-        if in_unit.count(True) != 1:
-            raise ValueError(f"{where}: two [1,Q,4] outputs and cannot tell boxes (values in [0,1]) from logits")
-        boxes, logits = (a, b) if in_unit[0] else (b, a)
-    q = boxes.shape[1]
+    details = [{"name": (names[i] if names else ""), "shape": a.shape, "dtype": a.dtype} for i, a in enumerate(arrays)]
+    try:
+        index = io_contract.identify_outputs(details, values=arrays)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    boxes, logits = arrays[index["pred_boxes"]], arrays[index["pred_logits"]]
     masks = None
-    if rank4:
-        m = rank4[0]
-        if m.shape[1] == q:  # [1,Q,h,w] (also the ambiguous [1,Q,Q,Q])
-            masks = m[0]
-        elif m.shape[3] == q:  # onnx2tf's NHWC [1,h,w,Q]
-            masks = np.transpose(m[0], (2, 0, 1))
-        else:
-            raise ValueError(f"{where}: mask output {list(m.shape)} has no axis of Q={q} queries; expected "
-                             f"[1,{q},h,w] or [1,h,w,{q}]")
+    if "pred_masks" in index:
+        m = arrays[index["pred_masks"]]
+        masks = m[0] if io_contract.mask_layout(m.shape, boxes.shape[1]) == "NQHW" else np.transpose(m[0], (2, 0, 1))
     raw = RawOutputs(boxes=boxes[0], logits=logits[0], masks=masks)
-    raw.extra.update(extra)
+    raw.extra.update({k: arrays[index[k]] for k in ("enc_scores", "topk_indices") if k in index})
     return raw
-
-
-def _dequantize(arr: np.ndarray, quant: tuple[float, int]) -> np.ndarray:
-    scale, zero = quant if quant else (0.0, 0)
-    if arr.dtype in (np.int8, np.uint8, np.int16) and scale:
-        return (arr.astype(np.float32) - np.float32(zero)) * np.float32(scale)
-    if np.issubdtype(arr.dtype, np.floating):
-        return arr.astype(np.float32, copy=False)
-    return arr  # integer outputs without a scale (e.g. topk_indices) stay integers
 
 
 def _sidecar_meta(path: Path) -> dict[str, Any]:
@@ -402,74 +375,43 @@ class OnnxRunner(Runner):
 # TFLite (LiteRT)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _looks_like_tflite(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    return len(head) == 8 and head[4:8] == b"TFL3"
-
-
 class TFLiteRunner(Runner):
-    """A .tflite file (either conversion route, any precision) on ``ai_edge_litert.interpreter.Interpreter``."""
+    """A .tflite file (either conversion route, any precision), run by ``nailkit.io_contract.TFLiteModel`` — the
+    same code the parity gates and the mobile bundle use."""
 
     backend = "tflite"
 
     def __init__(self, path: str | os.PathLike[str], threads: Optional[int] = None, *, use_xnnpack: bool = True,
                  resolution: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> None:
+        from nailkit.io_contract import TFLiteModel
+
         self.path = _check_model_file(Path(path), "TFLite")
         self.threads = threads
         self.use_xnnpack = bool(use_xnnpack)
         self.backend = "tflite" if use_xnnpack else "tflite-noxnnpack"
         self.name = f"tflite:{self.path.stem}" + ("" if use_xnnpack else " (no XNNPACK)")
-        if not _looks_like_tflite(self.path):
-            raise ValueError(f"{self.path}: not a TFLite flatbuffer (no 'TFL3' identifier); the file is corrupt or "
-                             f"not a .tflite model")
         try:
-            from ai_edge_litert.interpreter import Interpreter, OpResolverType
+            self.model = TFLiteModel(self.path, threads, use_xnnpack=use_xnnpack)
         except ImportError as exc:  # pragma: no cover - in the project environment
             raise RuntimeError(f"ai-edge-litert is not installed ({exc}); pip install ai-edge-litert") from None
-        resolver = OpResolverType.AUTO if use_xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        try:
-            self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads,
-                                           experimental_op_resolver_type=resolver)
-            self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise ValueError(f"{self.path}: the TFLite interpreter cannot load this file ({_first_line(exc)}); it may be "
-                             f"truncated or corrupt, re-convert it (python -m nailkit convert)") from None
-        self._in = _single_input(self.interpreter.get_input_details(), self.path)
-        shape = [int(d) for d in self._in["shape"]]
-        sig = [int(d) for d in self._in.get("shape_signature", self._in["shape"])]
-        self.resolution, self.input_layout = _square_resolution([s if s > 0 else None for s in sig] if sig else shape,
-                                                                str(self.path), resolution)
-        if any(s <= 0 for s in sig):  # dynamic dims: fix them to the pipeline's input
-            want = [1, 3, self.resolution, self.resolution] if self.input_layout == "NCHW" else \
-                [1, self.resolution, self.resolution, 3]
-            self.interpreter.resize_tensor_input(self._in["index"], want)
-            self.interpreter.allocate_tensors()
-            self._in = self.interpreter.get_input_details()[0]
-        dtype = np.dtype(self._in["dtype"])
-        if dtype != np.float32 and not (dtype in (np.int8, np.uint8) and self._in["quantization"][0]):
-            raise ValueError(f"{self.path}: input dtype {dtype} is not supported; expected float32 (or int8/uint8 "
-                             f"with a quantisation scale)")
-        self._outs = self.interpreter.get_output_details()
+        self.resolution, self.input_layout = self.model.resolution, self.model.layout
+        self.output_names = list(self.model.index)  # the order of model.run()'s dict: canonical meanings
+        if resolution is not None and int(resolution) != self.resolution:
+            raise ValueError(f"{self.path}: model input is {self.resolution}x{self.resolution} but "
+                             f"resolution={resolution} was asked for")
         _apply_meta(self, _sidecar_meta(self.path), class_names)
 
     def _forward(self, x: np.ndarray) -> list[np.ndarray]:
-        dtype = np.dtype(self._in["dtype"])
-        if dtype != np.float32:
-            scale, zero = self._in["quantization"]
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
-        self.interpreter.set_tensor(self._in["index"], x)
-        self.interpreter.invoke()
-        return [_dequantize(self.interpreter.get_tensor(d["index"]), d.get("quantization")) for d in self._outs]
+        return list(self.model.run(x).values())
 
     def close(self) -> None:
-        self.interpreter = None
+        self.model.close()
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update(xnnpack=self.use_xnnpack, input_dtype=str(np.dtype(self._in["dtype"])),
-                 output_dtypes=[str(np.dtype(o["dtype"])) for o in self._outs])
+        io = self.model.describe()
+        d.update(xnnpack=self.use_xnnpack, input_dtype=io["input"]["dtype"],
+                 output_dtypes=[o["dtype"] for o in io["outputs"]])
         return d
 
 
@@ -495,6 +437,9 @@ def make_runner(model: Any, backend: Optional[str] = None, threads: Optional[int
     a backend that cannot run the given file is an error.
     """
     b = normalize_backend(backend)
+    if b == "torchscript":
+        raise ValueError("backend 'torchscript' (a saved .pt) is run by nailkit.bench; to trace a checkpoint here use "
+                         "torch-traced")
     if not isinstance(model, (str, os.PathLike)):
         if not (hasattr(model, "model") and hasattr(model, "model_config")):
             raise ValueError(f"cannot run a {type(model).__name__}; expected an rfdetr model or a path to a "
@@ -550,15 +495,10 @@ def time_runner(runner: Runner, x: np.ndarray, runs: int = 3, warmup: int = 1) -
 # Every backend on every image, and how each agrees with PyTorch (notebook 05)
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Consistency gates vs the eager PyTorch model, per precision, on the reference's top-k detections matched by box
-#: IoU (never by rank): fraction matched, worst mask IoU, worst score difference. None = reported, not gated.
-#: fp32 must reproduce PyTorch. The fp16 gate only catches a broken file: on the random-weight demo, fp16 rounding
-#: re-ranks near-tied queries (measured on the litert fp16 file: 8/10 matched, worst mask IoU 0.82 on one photo).
+#: Consistency gates vs the eager PyTorch model, per precision (None = reported, not gated): the numbers live in
+#: ``nailkit.gates`` (stages ``consistency_fp32`` / ``consistency_fp16``); this is a read-only view of them.
 CONSISTENCY_GATES: dict[str, Optional[dict[str, float]]] = {
-    "fp32": {"min_matched_frac": 1.0, "min_mask_iou": 0.95, "max_score_diff": 1e-3},
-    "fp16": {"min_matched_frac": 0.6, "min_mask_iou": 0.5, "max_score_diff": 1e-2},
-    "int8": None,
-}
+    p: (gates.gate(st) if (st := gates.consistency_stage(p)) else None) for p in ("fp32", "fp16", "int8")}
 
 
 def _precision_of(path: Path, meta: dict[str, Any]) -> str:
@@ -607,7 +547,7 @@ def build_runners(rf, *, onnx_path: Optional[str | os.PathLike[str]] = None,
     ``backends``: "all" or names among torch, torch-traced, onnxruntime, tflite. The eager torch runner is always
     built (it is the reference). TFLite labels come from ``find_tflite_artifacts``.
     """
-    want = set(BACKENDS[:4]) if backends in ("all", "", None) else {
+    want = {"torch", "torch-traced", "onnxruntime", "tflite"} if backends in ("all", "", None) else {
         normalize_backend(b) for b in ([x.strip() for x in backends.split(",")] if isinstance(backends, str)
                                        else backends) if b}
     runners: dict[str, Runner] = {"torch": TorchRunner(rf, threads=threads)}
@@ -642,8 +582,7 @@ def run_all(runners: Mapping[str, Runner], images: Sequence[str | os.PathLike[st
 
 def consistency_rows(results: Mapping[str, Mapping[str, Mapping[str, Any]]], precision: Mapping[str, str], *,
                      reference: str = "torch", threshold: float = 0.5, mask_threshold: float = 0.0,
-                     top_k: int = 10, num_select: int = DEFAULT_NUM_SELECT,
-                     gates: Mapping[str, Optional[Mapping[str, float]]] = CONSISTENCY_GATES) -> list[dict[str, Any]]:
+                     top_k: int = gates.TOP_K, num_select: int = DEFAULT_NUM_SELECT) -> list[dict[str, Any]]:
     """One row per (backend, image) vs ``reference``: the reference's top-``top_k`` detections matched by box IoU
     (``nailkit.parity.detection_parity``), worst mask IoU / score / box differences, and the detection counts above
     ``threshold``; ``gate`` is "pass", "FAIL" or "report" (no gate for that precision)."""
@@ -654,7 +593,7 @@ def consistency_rows(results: Mapping[str, Mapping[str, Mapping[str, Any]]], pre
         if name == reference:
             continue
         prec = precision.get(name, "fp32")
-        gate = gates.get(prec)
+        stage = gates.consistency_stage(prec)
         for img, r in per_image.items():
             ref = results[reference][img]
             par = detection_parity(ref["raw"], r["raw"], ref["size"], top_k=top_k, mask_threshold=mask_threshold)
@@ -672,13 +611,12 @@ def consistency_rows(results: Mapping[str, Mapping[str, Mapping[str, Any]]], pre
                    "count_ref": len(a), "count": len(b), "matched_at_threshold": at_thr.num_matched,
                    "max_abs_logit": float(np.abs(r["raw"].logits - ref["raw"].logits).max()),
                    "max_abs_box": float(np.abs(r["raw"].boxes - ref["raw"].boxes).max())}
-            if gate is None:
+            if stage is None:
                 row["gate"] = "report"
             else:
-                ok = (frac >= gate["min_matched_frac"] and par.all_same_class
-                      and (par.min_mask_iou is None or par.min_mask_iou >= gate["min_mask_iou"])
-                      and par.max_score_diff <= gate["max_score_diff"])
-                row["gate"] = "pass" if ok else "FAIL"
+                fails = gates.check(stage, {"matched_frac": frac, "same_class": par.all_same_class,
+                                            "min_mask_iou": par.min_mask_iou, "max_score_diff": par.max_score_diff})
+                row["gate"] = "FAIL" if fails else "pass"
             rows.append(row)
     return rows
 
@@ -697,23 +635,6 @@ def benchmark_rows(runners: Mapping[str, Runner], image: str | os.PathLike[str],
     return rows
 
 
-def format_rows(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
-    """A plain-text table (no pandas in the environment)."""
-    if not rows:
-        return "(no rows)"
-    cols = list(columns or rows[0].keys())
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if (abs(v) < 1e-2 and v != 0) or abs(v) >= 1e4 else f"{v:.4g}"
-        return str(v)
-
-    cells = [[fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
-    return "\n".join([line, "-" * len(line)] + ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # CLI: python -m nailkit predict MODEL IMAGE... [--backend] [--threshold] [--out]
 # ---------------------------------------------------------------------------------------------------------------
@@ -723,9 +644,9 @@ def check_writable_dir(out: str | os.PathLike[str]) -> Path:
     import tempfile
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: --out exists and is not a directory")
     try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out}: --out exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".nailkit-probe-", dir=out)
         os.close(fd)
@@ -737,7 +658,7 @@ def check_writable_dir(out: str | os.PathLike[str]) -> Path:
 
 
 def cli_predict(args) -> int:
-    from nailkit.checkpoint import atomic_write
+    from nailkit.artifacts import atomic_write
 
     out = check_writable_dir(args.out)
     images = [Path(p) for p in args.images]

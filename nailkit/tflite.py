@@ -9,23 +9,22 @@
 * Route B ``litert``: the export-mode module (wrapped to take NHWC input) → ``litert_torch.convert``; fp16 and
   dynamic int8 through ai-edge-quantizer recipes.
 
-Every conversion runs in its own subprocess (``python -m nailkit.tflite <worker> ...``: tensorflow/triton import
-order, memory), with its output captured to a log file under ``outputs/`` and echoed as a tqdm progress line; wall time
-and the child's peak RSS are recorded. Files are produced in a temporary directory and moved into place with
-``os.replace``; the cache sidecar (``.json``) is written last, so a file under its final name is always complete.
+Every conversion runs in its own subprocess (``python -m nailkit.tflite <worker> ...`` through ``nailkit.subproc``:
+tensorflow/triton import order, memory, a timeout that holds even when the worker is silent), with its output captured
+to a log file under ``outputs/logs/`` and echoed as a tqdm progress line; wall time and the child's peak RSS are
+recorded. ``ensure_tflite`` keeps each file in a staging folder until its parity gate (``nailkit.gates``) has passed,
+then publishes it with its sidecar (``nailkit.artifacts``); a file under its final name has always passed its gate.
 
-Outputs are identified by shape and meaning (``identify_outputs``), never by position: the int8 file orders them
+Outputs are identified by shape and meaning (``nailkit.io_contract``), never by position: the int8 file orders them
 differently. Every artifact also carries the selection tensors ``enc_scores`` / ``topk_indices`` (see
-``nailkit.parity.selection_aware_parity``).
+``nailkit.parity.selection_aware_parity``). Tables and plots of these results: ``nailkit.report``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from nailkit.checkpoint import atomic_write, file_sha256
+from nailkit import artifacts, gates, subproc
+from nailkit.artifacts import atomic_write, file_sha256
+from nailkit.io_contract import TFLiteModel, check_tflite_file
 from nailkit.model import DEFAULT_OUTPUT_DIR, OUTPUT_NAMES
 
 ROUTES = ("onnx2tf", "litert")
@@ -46,115 +47,16 @@ from nailkit.onnx_passes import DEFAULT_PASSES as ROUTE_A_PASSES  # noqa: E402
 
 ONNX2TF_KWARGS = {"output_signaturedefs": True, "replace_to_pseudo_operators": ["Erf"],
                   "tflite_backend": "tf_converter"}
-CACHE_VERSION = 1
-TFLITE_MAGIC = b"TFL3"
+#: a conversion worker still running after this is killed (rfdetr's own int8 export took up to 684 s on 2 cores)
+WORKER_TIMEOUT_S = 3600.0
 
 
-class ConversionError(RuntimeError):
-    pass
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading / identifying / running a .tflite
-# ----------------------------------------------------------------------------------------------------------------
-
-def check_tflite_file(path: str | os.PathLike[str]) -> Path:
-    """Refuse anything that is not a complete TFLite flatbuffer (missing, truncated, wrong magic)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such .tflite file")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-    if size < 64 or head[4:8] != TFLITE_MAGIC:
-        raise ValueError(f"{p}: not a TFLite flatbuffer (expected the 'TFL3' identifier at bytes 4-8, "
-                         f"got {head[4:8]!r}, {size} bytes); re-run the conversion (`python -m nailkit convert`)")
-    return p
-
-
-def identify_outputs(details: list[dict[str, Any]]) -> dict[str, int]:
-    """Map canonical names → index into ``details`` (each has 'name', 'shape', 'dtype'), by shape and meaning.
-
-    rank 4 → pred_masks; integer rank 2 → topk_indices; float rank 2 → enc_scores; rank 3 with last dim 4 →
-    pred_boxes, the other rank-3 → pred_logits. When both rank-3 outputs end in 4 (3 classes + background) the
-    signature names decide. Raises ValueError when the outputs cannot be told apart.
-    """
-    out: dict[str, int] = {}
-    rank3: list[int] = []
-    for i, d in enumerate(details):
-        shape = tuple(int(s) for s in d["shape"])
-        is_int = np.issubdtype(np.dtype(d["dtype"]), np.integer)
-        if len(shape) == 4:
-            key = "pred_masks"
-        elif len(shape) == 2 and is_int:
-            key = "topk_indices"
-        elif len(shape) == 2:
-            key = "enc_scores"
-        elif len(shape) == 3 and not is_int:
-            rank3.append(i)
-            continue
-        else:
-            raise ValueError(f"output {d.get('name')!r} with shape {list(shape)} matches no known output")
-        if key in out:
-            raise ValueError(f"two outputs look like {key}: {details[out[key]].get('name')!r} and {d.get('name')!r}")
-        out[key] = i
-    if len(rank3) != 2:
-        raise ValueError(f"expected two rank-3 outputs (boxes, logits), found {len(rank3)}")
-    a, b = rank3
-    la, lb = int(details[a]["shape"][-1]), int(details[b]["shape"][-1])
-    if la == 4 and lb != 4:
-        out["pred_boxes"], out["pred_logits"] = a, b
-    elif lb == 4 and la != 4:
-        out["pred_boxes"], out["pred_logits"] = b, a
-    else:
-        names = {i: str(details[i].get("name", "")) for i in (a, b)}
-        boxes = [i for i in (a, b) if "box" in names[i]]
-        if len(boxes) != 1:
-            raise ValueError(f"cannot tell boxes from logits: both end in {la}, names {list(names.values())}")
-        out["pred_boxes"] = boxes[0]
-        out["pred_logits"] = b if boxes[0] == a else a
-    return out
-
-
-class _Runner:
-    """Minimal ai_edge_litert runner (XNNPACK default delegate), outputs by canonical name."""
-
-    def __init__(self, path: str | os.PathLike[str], num_threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.path = check_tflite_file(path)
-        try:
-            self.interp = Interpreter(model_path=str(self.path), num_threads=num_threads)
-            self.interp.allocate_tensors()
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"{self.path}: LiteRT could not load this model ({exc})") from None
-        self.inp = self.interp.get_input_details()
-        if len(self.inp) != 1:
-            raise ValueError(f"{self.path}: expected one input, found {len(self.inp)}")
-        outs = self.interp.get_output_details()
-        self.out_details = outs
-        self.index = identify_outputs(outs)
-        self.input_shape = tuple(int(s) for s in self.inp[0]["shape"])
-
-    def __call__(self, x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(x_nhwc, dtype=np.float32)
-        if tuple(x.shape) != self.input_shape:
-            raise ValueError(f"{self.path}: input shape {list(x.shape)}, model expects {list(self.input_shape)}")
-        self.interp.set_tensor(self.inp[0]["index"], x)
-        self.interp.invoke()
-        return {k: np.array(self.interp.get_tensor(self.out_details[i]["index"])) for k, i in self.index.items()}
-
-
-def load_runner(path: str | os.PathLike[str], num_threads: int | None = None) -> _Runner:
-    return _Runner(path, num_threads=num_threads)
-
-
-def run_tflite(path: str | os.PathLike[str], x_nhwc: np.ndarray) -> dict[str, np.ndarray]:
-    return _Runner(path)(x_nhwc)
+class ConversionError(subproc.WorkerError):
+    """A conversion worker failed, printed no result or timed out; the message names its log."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# subprocess plumbing
+# subprocess plumbing (nailkit.subproc)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _peak_rss_mb() -> float:
@@ -165,47 +67,18 @@ def _peak_rss_mb() -> float:
     return max(own, kids) / 1024.0  # Linux: KiB
 
 
-def run_worker(args: list[str], log_path: Path, desc: str, timeout: float = 3600) -> dict[str, Any]:
-    """Run ``python -m nailkit.tflite <args>`` with output tee'd to ``log_path`` and a tqdm line; returns the JSON
-    the worker prints last (prefixed ``NAILKIT_RESULT``) plus ``wall_s``."""
-    from tqdm.auto import tqdm
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1"))
-    cmd = [sys.executable, "-m", "nailkit.tflite", *args]
-    t0 = time.time()
-    result: dict[str, Any] | None = None
-    tail: list[str] = []
-    with open(log_path, "w") as log, tqdm(desc=desc, unit=" lines", leave=True) as bar:
-        log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=str(Path(__file__).resolve().parent.parent), errors="replace")
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if line.startswith("NAILKIT_RESULT "):
-                result = json.loads(line[len("NAILKIT_RESULT "):])
-                continue
-            tail = (tail + [line.rstrip()])[-20:]
-            bar.update(1)
-            short = line.strip().replace("\x1b", "")[:60]
-            if short:
-                bar.set_postfix_str(short, refresh=False)
-            if time.time() - t0 > timeout:
-                proc.kill()
-                raise ConversionError(f"{desc}: timed out after {timeout:.0f} s; log: {log_path}")
-        rc = proc.wait()
-    wall = time.time() - t0
-    if rc != 0 or result is None:
-        raise ConversionError(f"{desc} failed (exit {rc}); last lines of {log_path}:\n" + "\n".join(tail[-8:]))
-    result["wall_s"] = wall
-    return result
+def run_worker(args: list[str], log_path: Path, desc: str, timeout: float = WORKER_TIMEOUT_S) -> dict[str, Any]:
+    """Run ``python -m nailkit.tflite <args>`` (``nailkit.subproc.run_python``: log file, tqdm line, killed at
+    ``timeout`` even when silent); returns the worker's result plus ``wall_s``."""
+    try:
+        return subproc.run_python(["-m", "nailkit.tflite", *args], desc=desc, timeout=timeout, log_path=log_path)
+    except subproc.WorkerError as exc:
+        raise ConversionError(str(exc)) from None
 
 
 def _emit(result: dict[str, Any]) -> None:
     result["peak_rss_mb"] = _peak_rss_mb()
-    print("NAILKIT_RESULT " + json.dumps(result), flush=True)
+    subproc.emit(result)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,8 +281,14 @@ def _worker_delegation(path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# caching: ensure_onnx / ensure_tflite
+# the cached, gated stages: ensure_selection_onnx / ensure_tflite (nailkit.artifacts)
 # ----------------------------------------------------------------------------------------------------------------
+
+#: versions that enter each stage's cache key
+ONNX_PACKAGES = ("torch", "onnx", "rfdetr")
+ROUTE_PACKAGES = {"onnx2tf": ONNX_PACKAGES + ("onnx2tf", "onnxsim", "tensorflow", "ai-edge-litert"),
+                  "litert": ("torch", "rfdetr", "litert-torch", "ai-edge-quantizer", "ai-edge-litert")}
+
 
 def _ckpt_info(ckpt: Path) -> dict[str, Any]:
     """Resolution, class names and num_select recorded in the checkpoint (no model is built)."""
@@ -427,69 +306,35 @@ def _resolution_of(ckpt: Path, resolution: int | None) -> int:
     return int(resolution) if resolution else _ckpt_info(ckpt)["resolution"]
 
 
-def _key(ckpt_sha: str, **params: Any) -> tuple[str, dict[str, Any]]:
-    d = {"checkpoint_sha256": ckpt_sha, "cache_version": CACHE_VERSION, **params}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16], d
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(path.suffix + ".json")
-
-
-def _cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    side = _sidecar(path)
-    if not (path.is_file() and side.is_file()):
-        return None
-    try:
-        meta = json.loads(side.read_text())
-    except ValueError:
-        return None
-    if meta.get("key") != key or meta.get("bytes") != path.stat().st_size:
-        return None
-    return meta
-
-
 def ensure_selection_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                           resolution: int | None = None, passes: tuple[str, ...] = ROUTE_A_PASSES,
-                          rf: Any = None) -> tuple[Path, dict[str, Any]]:
-    """The ONNX route A converts: exported model → ``passes`` → selection outputs exposed. Cached."""
+                          rf: Any = None) -> artifacts.Artifact:
+    """The ONNX route A converts: the verified export (``onnx_export.ensure_onnx``: its gate failing raises
+    ``ParityError`` here, there is no unverified fallback) → ``passes`` → selection outputs exposed. Cached."""
     import onnx
 
     from nailkit import onnx_passes
-    from nailkit.model import load_model, resolve_checkpoint
+    from nailkit.model import resolve_checkpoint
+    from nailkit.onnx_export import ensure_onnx
 
     out_dir = Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR
     ckpt = resolve_checkpoint(checkpoint, out_dir)
     res = _resolution_of(ckpt, resolution)
-    sha = file_sha256(ckpt)
-    h, key = _key(sha, stage="onnx_for_tflite", resolution=res, passes=list(passes), opset=17)
+    h, key = artifacts.artifact_key("onnx_for_tflite", artifacts.checkpoint_content(ckpt),
+                                    {"resolution": res, "passes": list(passes), "opset": 17}, ONNX_PACKAGES)
     path = out_dir / "tflite" / "onnx" / f"model_{res}_{h}.onnx"
-    meta = _cached(path, key)
+    meta = artifacts.cached(path, key)
     if meta:
-        return path, meta
+        return artifacts.Artifact(path, meta)
     t0 = time.time()
-    base = None
-    try:
-        from nailkit import onnx_export
-
-        if hasattr(onnx_export, "ensure_onnx"):
-            got = onnx_export.ensure_onnx(ckpt, out_dir, resolution=res)
-            base = Path(got[0] if isinstance(got, tuple) else got)
-    except Exception:  # noqa: BLE001 - fall back to a plain export below
-        base = None
-    if base is None:
-        from nailkit.onnx_export import export_onnx
-
-        rf = rf or load_model(ckpt)
-        base = export_onnx(rf, out_dir / "tflite" / "onnx" / f"base_{res}_{sha[:12]}.onnx", resolution=res)
-    model = onnx.load(str(base))
-    model = onnx_passes.apply_passes(model, passes)
-    model = onnx_passes.expose_selection(model)
-    atomic_write(path, lambda tmp: onnx.save(model, str(tmp)))
-    meta = {"key": key, "bytes": path.stat().st_size, "source_onnx": str(base), "passes": list(passes),
-            "seconds": time.time() - t0, "op_counts": onnx_passes.op_counts(model)}
-    atomic_write(_sidecar(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
-    return path, meta
+    base, _ = ensure_onnx(ckpt, out_dir, resolution=res, rf=rf)
+    model = onnx_passes.expose_selection(onnx_passes.apply_passes(onnx.load(str(base)), passes))
+    with artifacts.staging(path) as work:
+        staged = work / path.name
+        onnx.save(model, str(staged))
+        return artifacts.publish(staged, path, {"key": key, "source_onnx": str(base), "passes": list(passes),
+                                                "seconds": time.time() - t0,
+                                                "op_counts": onnx_passes.op_counts(model)})
 
 
 def _calibration_npy(path: Path, resolution: int, n: int = 6) -> Path:
@@ -505,18 +350,52 @@ def _artifact_dir(out_dir: Path, route: str, res: int, h: str) -> Path:
     return out_dir / "tflite" / f"{route}_{res}_{h}"
 
 
+class _Gate:
+    """The parity gate of a freshly converted file, run before it is published (PyTorch references made once)."""
+
+    def __init__(self, ckpt: Path, res: int) -> None:
+        self.ckpt, self.res = ckpt, res
+        self.module = None
+        self.refs: list[dict[str, Any]] = []
+        self.controls: dict[str, list[dict[str, Any]]] = {}
+
+    def __call__(self, path: Path, precision: str) -> tuple[dict[str, Any], list[str]]:
+        """(aggregate, failures) of ``path``; full_int8 is reported, never gated."""
+        import copy
+
+        from nailkit.data import sample_images
+        from nailkit.model import export_module, load_model
+        from nailkit.parity import rounding_control
+
+        images = sample_images()
+        if self.module is None:
+            self.module = export_module(load_model(self.ckpt), self.res)
+            self.refs = reference_outputs(self.module, images, self.res)
+        control = "int8" if precision == "full_int8" else precision
+        if control != "fp32" and control not in self.controls:
+            self.controls[control] = reference_outputs(rounding_control(copy.deepcopy(self.module), control), images,
+                                                       self.res)
+        agg = artifact_parity(path, self.module, self.refs, control, self.controls)["aggregate"]
+        fails = [] if precision == "full_int8" else gates.check(gates.tflite_stage(precision), agg)
+        return agg, fails
+
+
 def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                   route: str = "onnx2tf", precision: str = "fp32", resolution: int | None = None, *,
-                  also: tuple[str, ...] = (), force: bool = False, passes: tuple[str, ...] | None = None
-                  ) -> tuple[Path, dict[str, Any]]:
-    """Return ``(path, meta)`` of a verified-loadable .tflite, converting only when the cache misses.
+                  also: tuple[str, ...] = (), force: bool = False, passes: tuple[str, ...] | None = None,
+                  verify: bool = True) -> artifacts.Artifact:
+    """The ``.tflite`` of ``checkpoint`` for ``route``/``precision`` (an ``Artifact``: ``path, meta = ...``),
+    converting only when the cache misses, and publishing a file only after its parity gate passed.
 
-    The cache key is ``file_sha256(checkpoint)`` + route + resolution + passes + converter settings; a sidecar
-    ``<file>.tflite.json`` records it with the conversion's wall time, the child's peak RSS and the log path. Route A
-    converts fp32 and fp16 together (onnx2tf writes both) plus any precision in ``also``, and keeps onnx2tf's
-    SavedModel so that int8 / full_int8 asked for later are made from it without a second onnx2tf run. Route B
-    converts fp32 with litert-torch; fp16/int8 are quantized from the cached fp32 file (``made_from`` in the meta).
-    ``passes`` (route A) overrides ``ROUTE_A_PASSES`` — e.g. ``()`` to show what a pass is needed for.
+    The key (``nailkit.artifacts``) is the checkpoint's content + route + resolution + passes + converter settings
+    and versions; the sidecar ``<file>.tflite.json`` records it with the file's sha256, the conversion's wall time,
+    the child's peak RSS, the log path and the gate's aggregate (``parity``). ``verify=True`` runs the gate of
+    ``nailkit.gates`` (stage ``tflite_<precision>``; full_int8 is reported, not gated) on the converted file before
+    it is published; a failure raises ``ConversionError`` and publishes nothing. Route A converts fp32 and fp16
+    together (onnx2tf writes both) plus any precision in ``also``, and keeps onnx2tf's SavedModel so that int8 /
+    full_int8 asked for later are made from it without a second onnx2tf run. Route B converts fp32 with litert-torch;
+    fp16/int8 are quantized from the cached fp32 file (``made_from`` in the meta). ``passes`` (route A) overrides
+    ``ROUTE_A_PASSES`` — e.g. ``()`` to show what a pass is needed for.
     """
     from nailkit.model import resolve_checkpoint
 
@@ -531,36 +410,32 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: checkpoint not found (expected an rfdetr .pth)")
     res = _resolution_of(ckpt, resolution)
-    sha = file_sha256(ckpt)
-    params: dict[str, Any] = {"route": route, "resolution": res, "selection_outputs": True}
+    params: dict[str, Any] = {"route": route, "resolution": res, "selection_outputs": True, "input": "NHWC",
+                              "verified": bool(verify)}
     if route == "onnx2tf":
         passes = tuple(ROUTE_A_PASSES if passes is None else passes)
-        params.update(passes=list(passes), onnx2tf_kwargs=ONNX2TF_KWARGS, input="NHWC")
-    else:
-        params.update(input="NHWC")
-    h, key = _key(sha, **params)
+        params.update(passes=list(passes), onnx2tf_kwargs=ONNX2TF_KWARGS)
+    h, key = artifacts.artifact_key("tflite", artifacts.checkpoint_content(ckpt), params, ROUTE_PACKAGES[route])
     adir = _artifact_dir(out_dir, route, res, h)
     path = adir / f"model_{precision}.tflite"
     if not force:
-        meta = _cached(path, key)
+        meta = artifacts.cached(path, key)
         if meta:
-            return path, meta
+            return artifacts.Artifact(path, meta)
     wanted = [precision, *[a for a in also if a != precision]]
     if route == "onnx2tf":
         wanted = list(dict.fromkeys(["fp32", "fp16", *wanted]))
     info = _ckpt_info(ckpt)
-    adir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "logs" / f"convert_{route}_{res}_{h}_{'-'.join(wanted)}.log"
-    with tempfile.TemporaryDirectory(prefix=".work-", dir=adir) as work:
-        wp = Path(work)
+    with artifacts.staging(path) as wp:
         extra: dict[str, Any] = {}
         if route == "onnx2tf":
-            onnx_path, onnx_meta = ensure_selection_onnx(ckpt, out_dir, res, passes=passes)
+            onnx_path, _ = ensure_selection_onnx(ckpt, out_dir, res, passes=passes)
             extra["onnx"] = str(onnx_path)
             if "full_int8" in wanted:
                 _calibration_npy(wp / "calib.npy", res)
             kept = adir / "saved_model"
-            have = {p for p in ("fp32", "fp16") if _cached(adir / f"model_{p}.tflite", key)}
+            have = {p for p in ("fp32", "fp16") if artifacts.cached(adir / f"model_{p}.tflite", key)}
             if kept.is_dir() and have == {"fp32", "fp16"}:
                 # fp32/fp16 are cached: make int8 / full_int8 from the kept SavedModel, no second onnx2tf run.
                 wanted = [p for p in wanted if p not in have]
@@ -575,15 +450,16 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
                 for f in (wp / "saved_model").glob("*.tflite"):
                     if str(f) not in result["files"].values():
                         f.unlink()
+                for prec, f in list(result["files"].items()):  # out of the SavedModel folder before it is kept
+                    if Path(f).parent.name == "saved_model":
+                        result["files"][prec] = str(Path(f).replace(wp / f"{prec}.tflite"))
                 if kept.exists():
                     shutil.rmtree(kept)
                 os.replace(wp / "saved_model", kept)  # onnx2tf's SavedModel, for later quantization
-                result["files"] = {k: str(kept / Path(v).name) if Path(v).parent.name == "saved_model" else v
-                                   for k, v in result["files"].items()}
         else:
             quant = [p for p in wanted if p != "fp32"]
             if quant:  # quantize the cached fp32 file; convert it first when missing
-                fp32_path, fp32_meta = ensure_tflite(ckpt, out_dir, route, "fp32", res)
+                fp32_path, fp32_meta = ensure_tflite(ckpt, out_dir, route, "fp32", res, verify=verify)
                 extra["fp32_conversion_wall_s"] = fp32_meta["conversion_wall_s"]
                 extra["made_from"] = str(fp32_path)
                 result = run_worker(["quantize-litert", str(fp32_path), str(wp), ",".join(quant)], log_path,
@@ -591,32 +467,39 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
             else:
                 result = run_worker(["route-b", str(ckpt), str(res), str(wp)], log_path,
                                     f"litert-torch {res} fp32")
-        metas = {}
+        gate = _Gate(ckpt, res) if verify else None
+        metas: dict[str, dict[str, Any]] = {}
+        refused: dict[str, list[str]] = {}
         for prec, f in result["files"].items():
-            dst = adir / f"model_{prec}.tflite"
             check_tflite_file(f)
-            os.replace(f, dst)
-            meta = {"key": key, "bytes": dst.stat().st_size, "route": route, "precision": prec, "resolution": res,
+            meta = {"key": key, "route": route, "precision": prec, "resolution": res,
                     "class_names": info["class_names"], "num_select": info["num_select"], "input": "NHWC float32",
                     "outputs": list(ALL_OUTPUT_NAMES),
-                    "checkpoint": str(ckpt), "checkpoint_sha256": sha, "log": str(log_path),
+                    "checkpoint": str(ckpt), "checkpoint_sha256": file_sha256(ckpt), "log": str(log_path),
                     "conversion_wall_s": result["wall_s"], "conversion_peak_rss_mb": result["peak_rss_mb"],
                     "times": result.get("times", {}),
                     "versions": {k: result[k] for k in ("onnx2tf", "tensorflow", "litert_torch", "torch",
                                                        "ai_edge_quantizer") if k in result},
                     "converted_together": sorted(result["files"]), **extra}
-            atomic_write(_sidecar(dst), lambda tmp, m=meta: tmp.write_text(json.dumps(m, indent=1)))
-            metas[prec] = meta
+            if gate is not None:
+                meta["parity"], fails = gate(Path(f), prec)
+                if fails:
+                    refused[prec] = fails
+                    continue
+            metas[prec] = artifacts.publish(f, adir / f"model_{prec}.tflite", meta).meta
+    if precision in refused:
+        raise ConversionError(f"{path}: route {route} {precision} FAILED its parity gate and was not published: "
+                              + "; ".join(refused[precision]) + f" (log: {log_path})")
     if precision not in metas:
         raise ConversionError(f"route {route}: the conversion wrote no {precision} file (got {sorted(metas)}); "
                               f"see {log_path}")
-    return path, metas[precision]
+    return artifacts.Artifact(path, metas[precision])
 
 
 def convert_onnx_file(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                       precisions: tuple[str, ...] = ("fp32",), log_path: str | os.PathLike[str] | None = None
                       ) -> dict[str, Path]:
-    """Route A on an arbitrary ONNX file (no passes, no cache): ``{precision: path}`` under ``out_dir``.
+    """Route A on an arbitrary ONNX file (no passes, no cache, no gate): ``{precision: path}`` under ``out_dir``.
     Used by the pass tests to show what onnx2tf does with and without a pass."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -635,16 +518,23 @@ def convert_onnx_file(onnx_path: str | os.PathLike[str], out_dir: str | os.PathL
 
 def delegation_report(path: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None
                       ) -> dict[str, Any]:
-    """Op histogram and XNNPACK coverage of a .tflite (measured in a subprocess; cached next to the file)."""
+    """Op histogram and XNNPACK coverage of a .tflite (measured in a subprocess; cached next to the file, keyed by
+    the .tflite's sha256 and the runtime's version)."""
     p = check_tflite_file(path)
     side = p.with_suffix(".delegation.json")
-    if side.is_file() and side.stat().st_mtime >= p.stat().st_mtime:
-        return json.loads(side.read_text())
+    key = {"tflite_sha256": file_sha256(p, 64), "versions": artifacts.package_versions(("ai-edge-litert",))}
+    try:
+        rep = json.loads(side.read_text())
+        if rep.get("key") == key:
+            return rep
+    except (OSError, ValueError):
+        pass
     out_dir = Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR
     rep = run_worker(["delegation", str(p)], out_dir / "logs" / f"delegation_{p.parent.name}_{p.stem}.log",
                      f"delegation {p.name}")
     rep.pop("wall_s", None)
     rep.pop("peak_rss_mb", None)
+    rep["key"] = key
     atomic_write(side, lambda tmp: tmp.write_text(json.dumps(rep, indent=1)))
     return rep
 
@@ -652,12 +542,6 @@ def delegation_report(path: str | os.PathLike[str], output_dir: str | os.PathLik
 # ----------------------------------------------------------------------------------------------------------------
 # parity of one artifact on data/ images
 # ----------------------------------------------------------------------------------------------------------------
-
-#: Below these absolute errors a metric is negligible; used as the floor of the control ratio.
-RATIO_FLOORS = {"pre_topk_max_abs": 1e-5, "logits_qm_mean": 1e-4, "boxes_qm_mean": 1e-3, "masks_qm_mean": 1e-3}
-GATES = {"pre_topk_max_abs": 1e-4, "forced_max_abs": 1e-3, "forced_mask_iou": 0.999, "control_ratio": 1.5,
-         "tie_eps": 1e-4}
-
 
 def reference_outputs(module: Any, images: list[Path], resolution: int) -> list[dict[str, Any]]:
     """PyTorch export-mode outputs (+ selection tensors) for each image: list of {x, size, ref}."""
@@ -673,25 +557,29 @@ def reference_outputs(module: Any, images: list[Path], resolution: int) -> list[
 
 def artifact_parity(path: str | os.PathLike[str], module: Any, refs: list[dict[str, Any]], precision: str = "fp32",
                     controls: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """Parity of one .tflite against the PyTorch references (``reference_outputs``).
+    """Parity of one .tflite (run by ``nailkit.io_contract.TFLiteModel``) against the PyTorch references
+    (``reference_outputs``).
 
     Returns per-image rows and an aggregate: worst pre-TopK max-abs, worst forced max-abs / mask IoU, unforced
-    top-10 agreement where no tie, and for fp16/int8 the error relative to the rounding control
-    (``controls[precision]`` = the control's outputs per image, from ``reference_outputs(rounding_control(...))``).
+    top-10 agreement where no tie (within ``nailkit.gates.TIE_EPS``), and for fp16/int8 the error relative to the
+    rounding control (``controls[precision]`` = the control's outputs per image, from
+    ``reference_outputs(rounding_control(...))``). ``nailkit.gates.check("tflite_<precision>", aggregate)`` gates it.
     """
     from nailkit.parity import error_summary, selection_aware_parity
     from nailkit.preprocess import to_nhwc
 
-    runner = load_runner(path)
+    model = TFLiteModel(path)
     rows = []
     for i, r in enumerate(refs):
-        be = runner(to_nhwc(r["x"]))
-        row = selection_aware_parity(module, r["x"], r["ref"], be, r["size"])
+        be = model.run(to_nhwc(r["x"]) if model.layout == "NHWC" else r["x"])
+        row = selection_aware_parity(module, r["x"], r["ref"], be, r["size"], top_k=gates.TOP_K,
+                                     tie_eps=gates.TIE_EPS)
         row["image"] = r["image"]
         row["error"] = error_summary(r["ref"], be)
         if controls and precision in controls:
             row["control_error"] = error_summary(r["ref"], controls[precision][i]["ref"])
         rows.append(row)
+    model.close()
     agg: dict[str, Any] = {
         "pre_topk_max_abs": max(r["pre_topk_max_abs"] for r in rows),
         "forced_max_abs": max(r["forced_max_abs"] for r in rows),
@@ -712,28 +600,11 @@ def artifact_parity(path: str | os.PathLike[str], module: Any, refs: list[dict[s
         agg["control_error"] = {k: float(np.mean([r["control_error"][k] for r in rows])) for k in keys}
         # (err + floor) / (control + floor): an error below the metric's floor (negligible: e.g. 1e-3 of a
         # normalised box coordinate is 0.4 px at 432) cannot make a ratio explode when the control's is 0.
-        agg["control_ratio"] = {k: (agg["error"][k] + RATIO_FLOORS.get(k, 1e-6))
-                                / (agg["control_error"][k] + RATIO_FLOORS.get(k, 1e-6)) for k in keys}
+        floors = gates.RATIO_FLOORS
+        agg["control_ratio"] = {k: (agg["error"][k] + floors.get(k, 1e-6)) / (agg["control_error"][k]
+                                                                               + floors.get(k, 1e-6)) for k in keys}
         agg["control_ratio_max"] = max(agg["control_ratio"].values())
     return {"rows": rows, "aggregate": agg}
-
-
-def gate_failures(precision: str, agg: dict[str, Any], gates: dict[str, float] = GATES) -> list[str]:
-    """The gates of issue 4 that ``agg`` (``artifact_parity(...)['aggregate']``) fails, as readable strings."""
-    fails = []
-    if precision == "fp32":
-        if agg["pre_topk_max_abs"] > gates["pre_topk_max_abs"]:
-            fails.append(f"pre-TopK max-abs {agg['pre_topk_max_abs']:.2e} > {gates['pre_topk_max_abs']:.0e}")
-        if agg["forced_max_abs"] > gates["forced_max_abs"]:
-            fails.append(f"forced max-abs {agg['forced_max_abs']:.2e} > {gates['forced_max_abs']:.0e}")
-        if agg["forced_min_mask_iou"] < gates["forced_mask_iou"]:
-            fails.append(f"forced mask IoU {agg['forced_min_mask_iou']:.4f} < {gates['forced_mask_iou']}")
-        if not agg["unforced_agree_untied"]:
-            fails.append("unforced top-10 detections disagree on an image without a tie at the boundary")
-    elif "control_ratio_max" in agg and agg["control_ratio_max"] > gates["control_ratio"]:
-        fails.append(f"converter error {agg['control_ratio_max']:.2f}x the rounding control's "
-                     f"(> {gates['control_ratio']}x): {agg['control_ratio']}")
-    return fails
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -741,12 +612,8 @@ def gate_failures(precision: str, agg: dict[str, Any], gates: dict[str, float] =
 # ----------------------------------------------------------------------------------------------------------------
 
 def cli_convert(args) -> int:
-    """checkpoint → ONNX → TFLite for each precision; verify each artifact; exit 1 when a gate fails."""
-    import copy
-
-    from nailkit.data import sample_images
-    from nailkit.model import export_module, load_model, resolve_checkpoint
-    from nailkit.parity import rounding_control
+    """checkpoint → ONNX → TFLite for each precision; each file is published only after its gate passed."""
+    from nailkit.model import resolve_checkpoint
 
     out_dir = Path(args.out)
     ckpt = resolve_checkpoint(args.checkpoint, out_dir)
@@ -756,28 +623,16 @@ def cli_convert(args) -> int:
     for p in precisions:
         if p not in PRECISIONS + (EXTRA_PRECISIONS if args.route == "onnx2tf" else ()):
             raise ValueError(f"--precision {p}: expected a comma list of {PRECISIONS}")
-    rf = load_model(ckpt, trusted=getattr(args, "trusted", False))
-    module = export_module(rf, args.resolution)
-    res = module.resolution
-    images = sample_images()
-    refs = reference_outputs(module, images, res)
-    failed = False
     for prec in precisions:
-        path, meta = ensure_tflite(ckpt, out_dir, args.route, prec, res, also=tuple(precisions))
-        controls = None
-        if prec != "fp32":
-            controls = {prec: reference_outputs(rounding_control(copy.deepcopy(module), prec), images, res)}
-        par = artifact_parity(path, module, refs, prec, controls)
-        fails = gate_failures(prec, par["aggregate"])
-        a = par["aggregate"]
+        path, meta = ensure_tflite(ckpt, out_dir, args.route, prec, args.resolution, also=tuple(precisions))
+        a = meta["parity"]
         line = (f"{args.route} {prec}: {path} ({meta['bytes'] / 1e6:.1f} MB, converted in "
                 f"{meta['conversion_wall_s']:.0f} s, peak RSS {meta['conversion_peak_rss_mb']:.0f} MB) "
                 f"pre-TopK {a['pre_topk_max_abs']:.1e}, forced {a['forced_max_abs']:.1e}")
         if "control_ratio_max" in a:
             line += f", vs rounding control {a['control_ratio_max']:.2f}x"
-        print(line + (" — FAIL: " + "; ".join(fails) if fails else " — ok"))
-        failed |= bool(fails)
-    return 1 if failed else 0
+        print(line + (" — reported, not gated" if prec == "full_int8" else " — ok"))
+    return 0
 
 
 def _main(argv: list[str]) -> None:
@@ -798,71 +653,3 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# tables and plots for notebook 04
-# ----------------------------------------------------------------------------------------------------------------
-
-def parity_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per artifact from ``{label: {'precision', 'meta', 'parity', 'delegation'}}``."""
-    rows = []
-    for label, r in results.items():
-        a = r["parity"]["aggregate"]
-        rows.append({
-            "artifact": label, "MB": r["meta"]["bytes"] / 1e6,
-            "pre-TopK max-abs": a["pre_topk_max_abs"],
-            "same selection": f"{a['selection_same']}/{a['images']}",
-            "same order": f"{a['selection_order_same']}/{a['images']}",
-            "forced max-abs": a["forced_max_abs"], "forced mask IoU": a["forced_min_mask_iou"],
-            "unforced top-10 agree": f"{a['unforced_agree']}/{a['images']} ({a['ties']} tied)",
-            "control ratio": a.get("control_ratio_max", float("nan")),
-            "convert s": r["meta"]["conversion_wall_s"], "peak RSS MB": r["meta"]["conversion_peak_rss_mb"],
-            "XNNPACK": (f"{r['delegation']['xnnpack_nodes']}/{r['delegation']['xnnpack_total']} in "
-                        f"{r['delegation']['xnnpack_partitions']}") if r.get("delegation") else "",
-        })
-    return rows
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    cols = list(rows[0])
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if (abs(v) < 1e-2 or abs(v) >= 1e4) and v != 0 else f"{v:.4g}"
-        return str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def plot_error_vs_control(ax, results: dict[str, dict[str, Any]], metric: str = "pre_topk_max_abs") -> None:
-    """Bar per artifact: its error vs PyTorch fp32, next to its rounding control's (log scale)."""
-    labels = list(results)
-    err = [results[k]["parity"]["aggregate"]["error"][metric] for k in labels]
-    ctl = [results[k]["parity"]["aggregate"].get("control_error", {}).get(metric, np.nan) for k in labels]
-    x = np.arange(len(labels))
-    ax.bar(x - 0.2, err, 0.4, label="artifact vs PyTorch fp32")
-    ax.bar(x + 0.2, ctl, 0.4, label="PyTorch rounding control vs fp32")
-    ax.set_xticks(x, labels, rotation=30, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
-
-
-def plot_delegation(ax, results: dict[str, dict[str, Any]]) -> None:
-    """Delegated fraction per artifact, annotated with the partition count."""
-    labels = [k for k in results if results[k].get("delegation")]
-    frac = [results[k]["delegation"]["xnnpack_fraction"] * 100 for k in labels]
-    parts = [results[k]["delegation"]["xnnpack_partitions"] for k in labels]
-    bars = ax.bar(labels, frac, color="tab:green")
-    for b, p in zip(bars, parts):
-        ax.annotate(f"{p} part.", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
-                    fontsize=8)
-    ax.axhline(99, ls="--", color="gray", lw=1)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("% of ops on XNNPACK")
-    ax.tick_params(axis="x", rotation=30)

@@ -56,7 +56,6 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     """Train (or resume) and write the best checkpoint to ``out``. Returns the training record."""
     import torch
 
-    from nailkit.checkpoint import atomic_write
     from nailkit.dataset import load_split
     from nailkit.model import build_rfdetr
 
@@ -100,24 +99,42 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     finally:
         rt.build_trainer = original
     wall = time.time() - t0
-    best = work / "checkpoint_best_total.pth"
-    if not best.exists():
-        raise RuntimeError(f"{work}: rfdetr wrote no checkpoint_best_total.pth (did training run a full epoch?)")
-    ckpt = torch.load(best, map_location="cpu", weights_only=False)  # written by rfdetr just now, in our cache
-    state = ckpt.get("model", ckpt)
-    steps = _global_step(work)
     history.append({"started": _dt.datetime.fromtimestamp(t0).isoformat(timespec="seconds"), "wall_s": round(wall),
                     "device": device, "cpu": cpu_name(), "threads": torch.get_num_threads(),
-                    "resumed_from": str(resume_path) if resume_path else None, "global_step": steps,
+                    "resumed_from": str(resume_path) if resume_path else None, "global_step": _global_step(work),
                     "dataset": str(ds), "dataset_info": _dataset_info(ds)})
     history_file.write_text(json.dumps(history, indent=2))
+    settings = {"dataset": str(ds), "dataset_info": _dataset_info(ds), "seed": seed,
+                "batches_per_epoch": batches_per_epoch, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
+                "lr": lr, "lr_encoder": lr_encoder, "multi_scale": multi_scale}
+    (work / "settings.json").write_text(json.dumps(settings, indent=2))
+    return package_checkpoint(work, out)
+
+
+def package_checkpoint(work_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the best weights of a training folder as one rfdetr-format fp32 ``.pth`` with plain-typed ``args`` and
+    the ``nailkit_training`` record (``train-demo --package-only``: also after a run that was stopped mid-way)."""
+    import torch
+
+    from nailkit.checkpoint import atomic_write
+
+    work = Path(work_dir)
+    best = next((work / n for n in ("checkpoint_best_total.pth", "checkpoint_best_ema.pth",
+                                    "checkpoint_best_regular.pth") if (work / n).exists()), None)
+    if best is None:
+        raise FileNotFoundError(f"{work}: no checkpoint_best_*.pth (did training finish an epoch with validation?)")
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)  # rfdetr's own file, in our cache
+    state = ckpt.get("model", ckpt)
+    history = json.loads((work / "history.json").read_text()) if (work / "history.json").exists() else []
+    settings = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else {}
     losses, val, epochs_done = _metrics_csv(work / "metrics.csv")
-    record = {"dataset": str(ds), "dataset_info": _dataset_info(ds), "seed": seed, "epochs_done": epochs_done,
-              "batches_per_epoch": batches_per_epoch, "final_losses": losses, "best_validation": val,
-              "optimizer_steps": steps, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
-              "lr": lr, "lr_encoder": lr_encoder, "multi_scale": multi_scale,
-              "wall_s_total": sum(h["wall_s"] for h in history), "sessions": history,
+    record = {**settings, "weights_from": best.name, "epochs_done": epochs_done, "final_losses": losses,
+              "best_validation": val, "optimizer_steps": _global_step(work),
+              "wall_s_total": sum(h.get("wall_s", 0) for h in history), "sessions": history,
               "rfdetr": _version("rfdetr"), "torch": str(torch.__version__)}
+    from nailkit.model import build_rfdetr
+
+    rf = build_rfdetr("RFDETRSegPreview", num_classes=2)
     payload = {"model": {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                "args": checkpoint_args(ckpt.get("args"), rf), "epoch": ckpt.get("epoch"),
                "nailkit_training": _plain(record)}
@@ -195,6 +212,13 @@ def _version(name: str) -> str:
 
 
 def cli_train_demo(args) -> int:
+    if args.package_only:
+        rec = package_checkpoint(args.work_dir or DEFAULT_WORK_DIR, args.out)
+        print(json.dumps({k: v for k, v in rec.items() if k != "sessions"}, indent=2, default=str))
+        print(f"wrote {args.out}")
+        return 0
+    if not args.dataset:
+        raise ValueError("train-demo: --dataset DIR is required (a Roboflow-layout COCO folder), unless --package-only")
     rec = train_demo(args.dataset, args.out, minutes=args.minutes, device=args.device, resume=args.resume,
                      epochs=args.epochs, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
                      lr=args.lr, lr_encoder=args.lr, work_dir=args.work_dir, seed=args.seed,

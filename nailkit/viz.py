@@ -2,9 +2,11 @@
 
 * ``overlay(image, prediction)`` → RGB uint8 array with masks, boxes and "name score" labels (supervision annotators).
 * ``side_by_side(image, {"torch": pred, "tflite:fp32": pred2, ...})`` → matplotlib figure, one panel per backend.
-* ``mask_logit_diff(raw_ref, raw_other, pred_ref, pred_other)`` → matplotlib figure: for detections matched by box
-  IoU (never by rank: random-weight scores are near-tied), the reference mask logits, the other backend's and their
-  absolute difference.
+* ``show(image, title)``: one image on a matplotlib axis.
+* ``mask_logit_diffs(raw_ref, raw_other, image_size)`` → for detections matched by box IoU (never by rank:
+  random-weight scores are near-tied), the reference mask logits, the other backend's and their absolute difference;
+  ``plot_mask_logit_diffs(items)`` draws them.
+* ``detections_table(pred)`` / ``table_html(rows)``: the detections of one prediction as rows / an HTML table.
 * ``ThresholdExplorer(runners, images)``: ipywidgets score/mask-threshold sliders, backend and image dropdowns and an
   optional upload; raw outputs are cached per (backend, image) so a slider move only re-runs post-processing.
   Works headless: set ``explorer.score.value = t`` and read ``explorer.count`` / ``explorer.prediction``.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nailkit import bench
-from nailkit.bench import (BackendSpec, BenchResult, LatencyStats, interleaved_latency, markdown_table, percentile,
+from nailkit.bench import (BackendSpec, BenchResult, LatencyStats, interleaved_latency, percentile,
                            ratios, rotated_order)
 
 
@@ -194,18 +194,25 @@ def test_rows_ratios_and_markdown():
     assert rows["pytorch eager"]["gemm_fraction"] == pytest.approx(86e9 / 0.6 / 100e9)
     assert rows["tflite"]["gflops"] == 50.0  # FLOPs of its own resolution
     md = res.markdown()
-    assert "Fake CPU" in md and "| tflite | 336 | 0.48 | 0.25 |" in md
+    row = next(_cells(ln) for ln in md.splitlines() if ln.startswith("| tflite"))
+    assert "Fake CPU" in md and row[:4] == ["tflite", "336", "0.48", "0.25"]
     assert "28/30" in md
     assert bench.valid_numbers(res) == ["onnxruntime fp32: no accuracy drift", "pytorch eager: no accuracy drift"]
 
 
-def test_markdown_table_missing_values_and_columns():
-    t = markdown_table([{"a": "x", "b": None}, {"a": "y", "b": 1.5}], [("a", "A", "s"), ("b", "B", ".1f")])
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_report_table_missing_values_and_columns():
+    from nailkit.report import table
+
+    t = table([{"a": "x", "b": None}, {"a": "y", "b": 1.5}], [("a", "A", "s"), ("b", "B", ".1f")])
     lines = t.splitlines()
-    assert lines[0] == "| A | B |" and lines[1] == "|---|---:|"
-    assert lines[2] == "| x | – |" and lines[3] == "| y | 1.5 |"
+    assert _cells(lines[0]) == ["A", "B"] and lines[1].endswith(":|")  # numbers right-aligned
+    assert _cells(lines[2]) == ["x", "–"] and _cells(lines[3]) == ["y", "1.5"]
     with pytest.raises(ValueError):
-        markdown_table([], [])
+        table([], [])
 
 
 def test_drift_summary_identical_runs_match_fully():
@@ -247,13 +254,19 @@ def test_fresh_process_measures_rss_for_a_torchscript_file(tmp_path):
 def test_find_tflite_matches_sidecar_and_never_converts(tmp_path):
     import json as _json
 
+    from nailkit.artifacts import file_sha256
+
     d = tmp_path / "tflite" / "litert_432_abc"
     d.mkdir(parents=True)
     f = d / "model_fp32.tflite"
     f.write_bytes(b"x" * 100)
-    meta = {"checkpoint_sha256": "sha1", "route": "litert", "resolution": 432, "precision": "fp32"}
+    meta = {"checkpoint_sha256": "sha1", "route": "litert", "resolution": 432, "precision": "fp32",
+            "sha256": file_sha256(f, 64)}
     (d / "model_fp32.tflite.json").write_text(_json.dumps(meta))
     assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) == f
+    f.write_bytes(b"y" * 100)  # edited in place: its sidecar no longer describes it
+    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) is None
+    f.write_bytes(b"x" * 100)
     assert bench.find_tflite(tmp_path, "other-checkpoint", "litert", "fp32", 432) is None
     assert bench.find_tflite(tmp_path, "sha1", "litert", "fp16", 432) is None
     assert bench.find_tflite(tmp_path, "sha1", "onnx2tf", "fp32", 432) is None

@@ -128,6 +128,7 @@ def test_truncated_file(tmp_path, demo_ckpt):
     (b'{"model": "x"}', "JSON"),
     (b"just some notes\n", "text"),
     (b"\x08\x07\x12\x07pytorch\x1a\x052.14", "ONNX"),
+    (b"notes on the onnx export\n", "text"),  # "onnx" in a text file does not make it an ONNX model
 ])
 def test_non_checkpoint_files(tmp_path, content, kind):
     p = tmp_path / "model.pth"
@@ -191,5 +192,11 @@ def test_registry_name_is_refused_not_downloaded():
         resolve_checkpoint("rf-detr-seg-preview.pt")
 
 
-def test_empty_path_means_demo(demo_ckpt):
-    assert resolve_checkpoint("", demo_ckpt.parent.parent) == demo_ckpt
+def test_empty_path_means_the_trained_demo_model():
+    from nailkit.model import TRAINED_DEMO
+
+    assert resolve_checkpoint("") == TRAINED_DEMO
+    rep = inspect(TRAINED_DEMO)  # the committed model is the seed's architecture, trained: classes ['Nail']
+    assert (rep.rfdetr_class, rep.num_queries, rep.group_detr, rep.dec_layers, rep.num_classes) == (
+        "RFDETRSegPreview", 200, 13, 4, 2)
+    assert rep.class_names == ["Nail"]

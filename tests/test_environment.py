@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nailkit import envcheck
+from nailkit import envcheck, subproc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ CONSTRAINTS = _pins((REPO / "constraints.txt").read_text().splitlines())
 
 def test_onnx2tf_calls_the_pinned_onnxsim():
     exe, version = envcheck.onnxsim_for_onnx2tf()
-    assert exe is not None and Path(exe).parent == envcheck.venv_bin()
+    assert exe is not None and Path(exe).parent == subproc.venv_bin()
     assert version == envcheck.EXPECTED_ONNXSIM == CONSTRAINTS["onnxsim"]
     envcheck.check_onnxsim()
 
@@ -40,7 +40,7 @@ def test_onnxsim_check_catches_a_wrong_onnxsim(tmp_path, monkeypatch):
     fake = tmp_path / "onnxsim"
     fake.write_text("#!/bin/sh\necho onnxsim v0.8.1\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(envcheck, "venv_bin", lambda: tmp_path)
+    monkeypatch.setattr(subproc, "venv_bin", lambda: tmp_path)
     with pytest.raises(RuntimeError, match="0.8.1"):
         envcheck.check_onnxsim()
 

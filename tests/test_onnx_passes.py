@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
-from nailkit import onnx_passes as P  # noqa: E402
+from nailkit import onnx_passes as P
 
 
 def _gridsample_model(seed: int = 0) -> onnx.ModelProto:

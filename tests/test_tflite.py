@@ -1,41 +1,31 @@
-"""nailkit.tflite: output identification, refusal of corrupt files, caching, atomic artifacts, gates."""
+"""nailkit.tflite: refusal of corrupt files, content-keyed caching, gate before publish, atomic artifacts."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nailkit import tflite
+from nailkit import artifacts, gates, tflite
+from nailkit.artifacts import file_sha256
 
 
-def _d(name, shape, dtype=np.float32):
-    return {"name": name, "shape": np.array(shape), "dtype": dtype}
+def _fake_tflite_bytes(tag: bytes = b"") -> bytes:
+    return b"\x1c\x00\x00\x00TFL3" + tag.ljust(120, b"\x00")
 
 
-def test_outputs_identified_by_shape_not_position():
-    canonical = [_d("pred_boxes", [1, 200, 4]), _d("pred_logits", [1, 200, 3]), _d("pred_masks", [1, 200, 108, 108]),
-                 _d("enc_scores", [1, 1296]), _d("topk_indices", [1, 200], np.int32)]
-    names = ["StatefulPartitionedCall:0", "x", "y", "z", "w"]
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        order = rng.permutation(len(canonical))
-        details = [dict(canonical[i], name=names[j]) for j, i in enumerate(order)]  # names carry no meaning
-        idx = tflite.identify_outputs(details)
-        assert {k: canonical[order[v]]["name"] for k, v in idx.items()} == {c["name"]: c["name"] for c in canonical}
+def _fake_worker(calls: list, tag: bytes = b"converted"):
+    """A conversion worker stand-in: writes a TFL3-looking file where the real worker would, counts its calls."""
 
+    def worker(args, log_path, desc, timeout=0):
+        work = Path(args[-1])
+        out = work / "fp32.tflite"
+        out.write_bytes(_fake_tflite_bytes(tag))
+        calls.append(args)
+        return {"files": {"fp32": str(out)}, "wall_s": 0.1, "peak_rss_mb": 1.0}
 
-def test_boxes_vs_logits_with_four_columns_uses_names_or_refuses():
-    details = [_d("out_logits", [1, 10, 4]), _d("out_pred_boxes", [1, 10, 4]), _d("m", [1, 10, 8, 8])]
-    idx = tflite.identify_outputs(details)
-    assert idx["pred_boxes"] == 1 and idx["pred_logits"] == 0
-    with pytest.raises(ValueError, match="cannot tell boxes from logits"):
-        tflite.identify_outputs([_d("a", [1, 10, 4]), _d("b", [1, 10, 4]), _d("m", [1, 10, 8, 8])])
-    with pytest.raises(ValueError, match="two outputs look like pred_masks"):
-        tflite.identify_outputs([_d("a", [1, 10, 4]), _d("b", [1, 10, 3]), _d("m", [1, 10, 8, 8]),
-                                 _d("n", [1, 10, 8, 8])])
+    return worker
 
 
 def test_corrupt_tflite_is_refused(tmp_path: Path):
@@ -44,7 +34,7 @@ def test_corrupt_tflite_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="not a TFLite flatbuffer"):
         tflite.check_tflite_file(bad)
     with pytest.raises(ValueError, match="not a TFLite flatbuffer"):
-        tflite.load_runner(bad)
+        tflite.TFLiteModel(bad)
     with pytest.raises(FileNotFoundError):
         tflite.check_tflite_file(tmp_path / "missing.tflite")
 
@@ -54,19 +44,7 @@ def test_truncated_tflite_is_refused(tmp_path: Path):
     p = tmp_path / "trunc.tflite"
     p.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 100)
     with pytest.raises(ValueError, match="trunc.tflite"):
-        tflite.load_runner(p)
-
-
-def test_cache_sidecar_must_match(tmp_path: Path):
-    f = tmp_path / "model_fp32.tflite"
-    f.write_bytes(b"x" * 100)
-    key = {"a": 1}
-    assert tflite._cached(f, key) is None  # no sidecar
-    tflite._sidecar(f).write_text(json.dumps({"key": key, "bytes": 100}))
-    assert tflite._cached(f, key) == {"key": key, "bytes": 100}
-    assert tflite._cached(f, {"a": 2}) is None  # other checkpoint / parameters
-    f.write_bytes(b"x" * 50)  # file changed after the sidecar was written
-    assert tflite._cached(f, key) is None
+        tflite.TFLiteModel(p)
 
 
 def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_ckpt, monkeypatch):
@@ -86,6 +64,55 @@ def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_
     assert list(tmp_path.rglob("*.tflite")) == []
 
 
+def test_tflite_edited_in_place_is_rederived_not_reused(tmp_path: Path, demo_ckpt, monkeypatch):
+    """Same size, other bytes: the sidecar's content hash no longer matches, so the file is converted again."""
+    calls: list = []
+    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    path, meta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
+    assert len(calls) == 1 and path.read_bytes() == _fake_tflite_bytes(b"converted")
+    again, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
+    assert again == path and len(calls) == 1  # untouched: reused
+    edited = _fake_tflite_bytes(b"EDITED!!!")
+    assert len(edited) == path.stat().st_size
+    path.write_bytes(edited)  # in place, same size
+    third, meta3 = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
+    assert len(calls) == 2, "an edited .tflite was reused"
+    assert third == path and path.read_bytes() == _fake_tflite_bytes(b"converted")
+    assert meta3["sha256"] == file_sha256(path, 64)
+
+
+def test_same_weights_under_another_name_hit_the_cache(tmp_path: Path, demo_ckpt, monkeypatch):
+    """torch.save writes the file name into the archive: other bytes, same content key, no second conversion."""
+    import torch
+
+    calls: list = []
+    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
+    renamed = tmp_path / "checkpoint_best_total.pth"
+    torch.save(torch.load(demo_ckpt, map_location="cpu", weights_only=False), renamed)
+    assert file_sha256(renamed) != file_sha256(demo_ckpt)
+    assert artifacts.checkpoint_content(renamed) == artifacts.checkpoint_content(demo_ckpt)
+    tflite.ensure_tflite(renamed, tmp_path, "litert", "fp32", 432, verify=False)
+    assert len(calls) == 1
+
+
+def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path, demo_ckpt, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    path, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
+    refused = []
+
+    def failing_gate(self, p, precision):
+        refused.append(p)
+        return {"pre_topk_max_abs": 1.0}, ["pre-TopK max-abs 1.00e+00 > 1e-04"]
+
+    monkeypatch.setattr(tflite._Gate, "__call__", failing_gate)
+    with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
+        tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
+    assert len(calls) == 2 and refused and not refused[0].exists()  # converted again, gated, discarded
+    assert not list((tmp_path / "tflite").rglob(".*.work"))  # staging removed
+
+
 def test_bad_route_and_precision_are_refused(demo_ckpt, tmp_path):
     with pytest.raises(ValueError, match="unknown route"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "coreml", "fp32", 432)
@@ -95,13 +122,72 @@ def test_bad_route_and_precision_are_refused(demo_ckpt, tmp_path):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "full_int8", 432)
 
 
-def test_gate_failures_reads_the_gates():
-    ok = {"pre_topk_max_abs": 1e-6, "forced_max_abs": 1e-5, "forced_min_mask_iou": 1.0, "unforced_agree_untied": True}
-    assert tflite.gate_failures("fp32", ok) == []
-    assert tflite.gate_failures("fp32", dict(ok, pre_topk_max_abs=1e-3))
-    assert tflite.gate_failures("fp32", dict(ok, unforced_agree_untied=False))
-    assert tflite.gate_failures("fp16", {"control_ratio_max": 1.2, "control_ratio": {}}) == []
-    assert tflite.gate_failures("int8", {"control_ratio_max": 2.0, "control_ratio": {}})
+def test_failing_onnx_gate_stops_convert_and_bundle(tmp_path, demo_ckpt, monkeypatch, capsys):
+    """The ONNX gate fails: `convert` and `bundle` exit 2 with one line naming the file; nothing is published and no
+    conversion worker runs (there is no fallback to an unverified export)."""
+    from nailkit import onnx_export
+    from nailkit.cli import main
+
+    def fake_export(rf, out_path, **kw):
+        Path(out_path).write_bytes(b"not really onnx")
+        return Path(out_path), {"resolution": 432, "opset": 17, "exporter": "legacy", "simplify": False,
+                                "segmentation": True, "output_names": []}
+
+    def failing_verify(rf, path, images=None, **kw):
+        return onnx_export.OnnxParityReport(onnx_path=str(path), resolution=432, images=[], output_shapes={},
+                                            node_histogram={}, file_bytes=0,
+                                            failures=["photo.jpg: pred_logits max-abs 0.5 > 0.001"])
+
+    def no_worker(*a, **k):
+        raise AssertionError("a conversion ran on an unverified ONNX")
+
+    monkeypatch.setattr(onnx_export, "export_onnx_with_meta", fake_export)
+    monkeypatch.setattr(onnx_export, "verify_onnx", failing_verify)
+    monkeypatch.setattr(tflite, "run_worker", no_worker)
+    out = tmp_path / "out"
+    for argv in (["convert", str(demo_ckpt), "--out", str(out), "--route", "onnx2tf", "--precision", "fp32"],
+                 ["bundle", str(demo_ckpt), "--out", str(out / "bundle"), "--route", "onnx2tf"]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "FAILED verification" in err and "pred_logits max-abs" in err, err
+        assert ".onnx" in err
+    published = [p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".log")]
+    assert published == [], published
+    assert not (out / "bundle").exists()
+
+
+def test_artifact_parity_passes_the_gates_tie_eps(monkeypatch):
+    """``tie_eps`` reaches the parity function: the gate's number, not a default of its own."""
+    from nailkit import gates, parity
+
+    seen = {}
+
+    class FakeModel:
+        layout = "NHWC"
+
+        def __init__(self, path):
+            pass
+
+        def run(self, x):
+            return {}
+
+        def close(self):
+            pass
+
+    def fake_sap(module, x, ref, be, size, *, top_k, tie_eps):
+        seen["tie_eps"], seen["top_k"] = tie_eps, top_k
+        return {"pre_topk_max_abs": 0.0, "forced_max_abs": 0.0, "forced_min_mask_iou": 1.0, "tensor": {},
+                "selection_same": True, "selection_order_same": True, "detect_agrees": True, "tie": False,
+                "detect": {"min_mask_iou": 1.0}}
+
+    monkeypatch.setattr(tflite, "TFLiteModel", FakeModel)
+    monkeypatch.setattr(parity, "selection_aware_parity", fake_sap)
+    monkeypatch.setattr(parity, "error_summary", lambda a, b: {"pre_topk_max_abs": 0.0})
+    monkeypatch.setattr(gates, "TIE_EPS", 0.123)
+    refs = [{"image": "a.jpg", "x": np.zeros((1, 3, 4, 4), np.float32), "size": (4, 4), "ref": {}}]
+    tflite.artifact_parity("unused.tflite", None, refs, "fp32")
+    assert seen == {"tie_eps": 0.123, "top_k": gates.TOP_K}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -127,10 +213,10 @@ def test_fp32_gates_and_cache(route, demo_ckpt, outputs_dir, refs2):
     path2, meta2 = tflite.ensure_tflite(demo_ckpt, outputs_dir, route, "fp32", 432)  # cache hit: no conversion
     assert path2 == path and meta2 == meta and path.stat().st_mtime == mtime
     assert meta["conversion_wall_s"] > 0 and meta["conversion_peak_rss_mb"] > 100
-    runner = tflite.load_runner(path)
-    assert runner.input_shape == (1, 432, 432, 3)
+    assert tflite.TFLiteModel(path).input_shape == (1, 432, 432, 3)
+    assert meta["parity"]["images"] == 6  # gated before it was published
     agg = tflite.artifact_parity(path, module, refs, "fp32")["aggregate"]
-    assert tflite.gate_failures("fp32", agg) == [], agg
+    assert gates.check("tflite_fp32", agg) == [], agg
 
 
 @pytest.mark.slow

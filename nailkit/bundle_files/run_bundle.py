@@ -10,8 +10,9 @@ As a library (this folder on sys.path)::
     pred = model.predict("photo.jpg", threshold=0.5)
     pred.xyxy, pred.confidence, pred.class_id, pred.class_name, pred.mask   # masks: bool [N, H, W], image size
 
-Everything the model expects and returns is written down in model_card.json; preprocess.py and postprocess.py are
-the reference implementations (byte-identical to nailkit's).
+Everything the model expects and returns is written down in model_card.json; preprocess.py, io_contract.py and
+postprocess.py are the reference implementations (byte-identical to nailkit's: the same code nailkit's parity gates
+and inference run).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if str(HERE) not in sys.path:  # python -I does not put the script's folder on s
 
 import numpy as np  # noqa: E402
 
+from io_contract import TFLiteModel  # noqa: E402
 from postprocess import Prediction, RawOutputs, postprocess  # noqa: E402
 from preprocess import preprocess  # noqa: E402
 
@@ -35,29 +37,15 @@ class BundleModel:
     """The bundle's .tflite with the pre/post-processing its model card prescribes."""
 
     def __init__(self, bundle_dir: str | Path = HERE, threads: int | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
         self.dir = Path(bundle_dir)
         self.card = json.loads((self.dir / "model_card.json").read_text())
-        model_path = self.dir / self.card["model_file"]
-        self.interpreter = Interpreter(model_path=str(model_path), num_threads=threads)
-        self.interpreter.allocate_tensors()
-        inp = self.interpreter.get_input_details()
-        if len(inp) != 1:
-            raise ValueError(f"{model_path}: expected one input, found {len(inp)}")
-        self.input = inp[0]
+        self.model = TFLiteModel(self.dir / self.card["model_file"], threads)
         spec = self.card["input"]
-        if [int(s) for s in self.input["shape"]] != list(spec["shape"]):
-            raise ValueError(f"{model_path}: input shape {list(self.input['shape'])} does not match the model card's "
-                             f"{spec['shape']}")
-        self.layout = spec["layout"]
-        self.resolution = int(spec["resolution"])
-        by_name = {d["name"]: d for d in self.interpreter.get_output_details()}
-        self.outputs = {}
-        for o in self.card["outputs"]:
-            if o["name"] not in by_name:
-                raise ValueError(f"{model_path}: output {o['name']!r} named in the model card is missing")
-            self.outputs[o["meaning"]] = (by_name[o["name"]], o)
+        if list(self.model.input_shape) != list(spec["shape"]):
+            raise ValueError(f"{self.model.path}: input shape {list(self.model.input_shape)} does not match the model "
+                             f"card's {spec['shape']}")
+        self.layout = self.model.layout
+        self.resolution = self.model.resolution
         self.class_names = self.card["labels"]
         self.num_select = int(self.card["postprocess"]["num_select"])
 
@@ -66,23 +54,10 @@ class BundleModel:
         x, size = preprocess(image, self.resolution)  # float32 NCHW, ImageNet-normalised
         if self.layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        dtype = np.dtype(self.input["dtype"])
-        if dtype != np.float32:  # a fully quantised input: quantise with the tensor's own scale/zero-point
-            scale, zero = self.input["quantization"]
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
-        self.interpreter.set_tensor(self.input["index"], x)
-        self.interpreter.invoke()
-        arrays = {}
-        for meaning, (detail, spec) in self.outputs.items():
-            a = np.array(self.interpreter.get_tensor(detail["index"]))
-            scale, zero = detail.get("quantization", (0.0, 0)) or (0.0, 0)
-            if a.dtype != np.float32 and scale and meaning != "topk_indices":
-                a = (a.astype(np.float32) - np.float32(zero)) * np.float32(scale)
-            if spec.get("layout") == "NHWQ":  # masks written as [1, h, w, Q]
-                a = a.transpose(0, 3, 1, 2)
-            arrays[meaning] = a[0]
-        raw = RawOutputs(boxes=arrays["pred_boxes"], logits=arrays["pred_logits"], masks=arrays.get("pred_masks"))
+        out = self.model.run(x)  # by meaning, dequantised, masks [1,Q,h,w]
+        masks = out.get("pred_masks")
+        raw = RawOutputs(boxes=out["pred_boxes"][0], logits=out["pred_logits"][0],
+                         masks=None if masks is None else masks[0])
         return raw, size
 
     def predict(self, image, threshold: float | None = None, mask_threshold: float | None = None) -> Prediction:

@@ -1,0 +1,181 @@
+"""The one artifact layer: cache key, sidecar, atomic publication and validity of every file a stage writes.
+
+* **Key** (``artifact_key(stage, checkpoint, params, packages)``): the checkpoint's *content* (``checkpoint_content``:
+  a hash of its tensors and its stored config, not of its file bytes — ``torch.save`` writes the file's own name
+  into the archive, so the same weights saved under two names have different bytes), the stage's parameters,
+  nailkit's version and the versions of the converters/runtimes the stage uses.
+* **Sidecar** ``<file>.json`` next to each artifact: ``{"key", "key_hash", "sha256", "bytes", ...stage meta}``.
+* **Publication** (``publish``): a finished file in a staging path is hashed, renamed into place with
+  ``os.replace``, and only then is its sidecar written. The caller runs the stage's gate on the staged file
+  *before* publishing; a file under its final name with a sidecar has therefore passed its gate.
+* **Validity** (``cached``): the sidecar's key equals the wanted key **and** the file's sha256 equals the
+  sidecar's. A file edited in place (even to the same size) is not reused.
+
+``atomic_write`` and ``file_sha256`` live here (``nailkit.checkpoint`` re-exports them for older callers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+#: bump when the meaning of a key or of a sidecar changes
+CACHE_VERSION = 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------------------------
+
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], Any]) -> Path:
+    """Call ``writer(tmp_path)`` then rename into place, so a failure never leaves a half-written ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def file_sha256(path: str | os.PathLike[str], length: int = 12) -> str:
+    """Hex sha256 of a file's bytes, cut to ``length`` characters (``length=64``: the full digest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+@contextlib.contextmanager
+def staging(dst: str | os.PathLike[str]) -> Iterator[Path]:
+    """A private scratch folder beside ``dst`` (same file system, so ``publish`` is a rename); removed on exit."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".work", dir=dst.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the key
+# ----------------------------------------------------------------------------------------------------------------
+
+_CONTENT_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def checkpoint_content(path: str | os.PathLike[str], *, trusted: bool = False, length: int = 16) -> str:
+    """Hash of a checkpoint's tensors (name, dtype, shape, bytes) and its stored ``args`` config.
+
+    Independent of the file's name and of ``torch.save``'s archive layout. Memoised per (path, size, mtime)."""
+    from nailkit.checkpoint import args_of, load_checkpoint, state_dict_of
+
+    p = Path(path).resolve()
+    st = p.stat()
+    memo_key = (str(p), st.st_size, st.st_mtime_ns)
+    if memo_key not in _CONTENT_MEMO:
+        ckpt = load_checkpoint(p, trusted=trusted)
+        h = hashlib.sha256()
+        for name, t in sorted(state_dict_of(ckpt).items()):
+            if not hasattr(t, "detach"):
+                continue
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+            h.update(t.view(-1).view(_byte_dtype()).numpy().tobytes() if t.numel() else b"")
+        h.update(json.dumps(args_of(ckpt), sort_keys=True, default=str).encode())
+        _CONTENT_MEMO[memo_key] = h.hexdigest()
+    return _CONTENT_MEMO[memo_key][:length]
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def package_versions(packages: Sequence[str]) -> dict[str, Optional[str]]:
+    """Installed versions of ``packages`` (None when absent); nailkit's own is always included."""
+    from nailkit import __version__
+    from nailkit.envcheck import installed_versions
+
+    return {"nailkit": __version__, **installed_versions(list(packages))}
+
+
+def artifact_key(stage: str, checkpoint: str, params: dict[str, Any], packages: Sequence[str] = ()
+                 ) -> tuple[str, dict[str, Any]]:
+    """``(short hash, key dict)`` of a stage's artifact: checkpoint content + parameters + versions."""
+    key = {"stage": stage, "cache_version": CACHE_VERSION, "checkpoint_content": checkpoint,
+           "params": json.loads(json.dumps(params, sort_keys=True, default=str)),
+           "versions": package_versions(packages)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sidecar, publication, validity
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Artifact:
+    """A published, gated file and its sidecar meta. Unpacks as ``path, meta = artifact``."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.path, self.meta))
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".json")
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> Optional[dict[str, Any]]:
+    """The sidecar of ``path`` as a dict, or None when missing or unreadable."""
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def write_sidecar(path: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
+    return atomic_write(sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(meta, indent=1, default=str)))
+
+
+def cached(path: str | os.PathLike[str], key: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The sidecar meta when ``path`` is a valid artifact for ``key`` (same key, same content hash), else None."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    meta = read_sidecar(p)
+    if not meta or meta.get("key") != key or meta.get("sha256") != file_sha256(p, 64):
+        return None
+    return meta
+
+
+def publish(staged: str | os.PathLike[str], dst: str | os.PathLike[str], meta: dict[str, Any]) -> Artifact:
+    """Move a finished, gated ``staged`` file to ``dst`` and write its sidecar (last). Returns the Artifact."""
+    staged, dst = Path(staged), Path(dst)
+    meta = dict(meta, sha256=file_sha256(staged, 64), bytes=staged.stat().st_size)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sidecar_path(dst).unlink(missing_ok=True)  # an old sidecar must never describe the new file
+    os.chmod(staged, 0o644)
+    os.replace(staged, dst)
+    write_sidecar(dst, meta)
+    return Artifact(dst, meta)

@@ -1,0 +1,291 @@
+"""Static, selective int8 for the litert-route .tflite, through ai-edge-quantizer.
+
+Upstream rf-detr refuses static int8 ("transformer activations are not expected to survive"); the DETR-family
+experience is that it survives when the *decoder* stays in float. ai-edge-quantizer selects ops by a regex over the
+op's output tensor names, and litert-torch names every tensor after the PyTorch module path it came from
+(``…/rfdetr.models.backbone.Joiner_backbone/…``, ``…Transformer_transformer/…``, ``…segmentation_head…``), so a
+recipe can say "int8 for the backbone's linears and convs, float for everything else".
+
+Recipes (``RECIPES``; ``build_recipe(name)``):
+
+* ``backbone_w8a8``: FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D inside the backbone (DINOv2 + the projector) at
+  STATIC_WI8_AI8 (attention BATCH_MATMULs stay float: XNNPACK does not take them at int8); the decoder, the heads, every LayerNorm (MEAN/SQUARED_DIFFERENCE/RSQRT), softmax and
+  the deformable sampling stay float (no config → float).
+* ``backbone_w8a16``: the same ops at STATIC_WI8_AI16 (int16 activations).
+* ``snr_guided``: ``backbone_w8a8`` minus the layers whose per-layer SNR (``layer_snr`` of a ``backbone_w8a8``
+  validation) falls below ``snr_db``; built by ``snr_guided_recipe(report, snr_db)``.
+* ``full_int8``: every supported op at STATIC_WI8_AI8 (the configuration that fails at run time; kept to diagnose).
+
+Calibration data: ``calibration_inputs(dataset_dir, n)`` picks ``n`` images of a COCO split folder (Roboflow layout:
+``_annotations.coco.json`` + images), deterministically, and preprocesses each with ``nailkit.preprocess.preprocess``
+(the exact ``predict()`` preprocessing), as NHWC float32 [1, R, R, 3] — the litert file's input layout.
+
+This module imports ai_edge_quantizer / ai_edge_litert only (no tensorflow, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+#: Tensor-name scopes (regexes over the op's output tensor name, as litert-torch writes them).
+BACKBONE_SCOPE = r".*Joiner_backbone.*"
+DECODER_SCOPE = r".*Transformer_transformer.*"
+SEG_HEAD_SCOPE = r".*segmentation_head.*"
+
+#: The op types a backbone recipe quantises (its linears and convs; everything else stays float). Not BATCH_MATMUL:
+#: measured on the demo model, the DINOv2 attention matmuls (two activation inputs) quantised to int8 are *not* taken
+#: by XNNPACK (22 of 24 fell back to the reference kernels and cut the delegated region into 35 partitions).
+MATMUL_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
+
+RECIPES = ("backbone_w8a8", "backbone_w8a16", "snr_guided", "full_int8")
+
+
+@dataclass
+class QuantizeResult:
+    recipe: str
+    path: str
+    size_bytes: int
+    fp32_size_bytes: int
+    seconds: float
+    num_calibration: int
+    quantized_ops: dict[str, int] = field(default_factory=dict)  # op type → count carrying int8/int16 tensors
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibration data
+# ----------------------------------------------------------------------------------------------------------------
+
+def split_images(split_dir: str | Path) -> list[Path]:
+    """The images of a COCO split folder (Roboflow layout), in the annotation file's order."""
+    d = Path(split_dir)
+    ann = d / "_annotations.coco.json"
+    if not ann.is_file():
+        raise FileNotFoundError(f"{d}: no _annotations.coco.json (expected a Roboflow COCO split folder, e.g. "
+                                f"<dataset>/train)")
+    images = json.loads(ann.read_text()).get("images", [])
+    paths = [d / im["file_name"] for im in images]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d}: {len(missing)} images listed in _annotations.coco.json are missing "
+                                f"(e.g. {missing[0].name})")
+    if not paths:
+        raise ValueError(f"{ann}: lists no images")
+    return paths
+
+
+def calibration_images(split_dir: str | Path, n: int = 16, seed: int = 0) -> list[Path]:
+    """``n`` images of the split, drawn without replacement with a fixed seed (all of them when fewer)."""
+    paths = split_images(split_dir)
+    if n >= len(paths):
+        return paths
+    idx = np.sort(np.random.default_rng(seed).choice(len(paths), size=int(n), replace=False))
+    return [paths[i] for i in idx]
+
+
+def calibration_inputs(split_dir: str | Path, resolution: int, n: int = 16, seed: int = 0) -> list[np.ndarray]:
+    """Preprocessed calibration inputs, NHWC float32 [1, R, R, 3], exactly as ``predict()`` preprocesses."""
+    from nailkit.preprocess import preprocess, to_nhwc
+
+    return [np.ascontiguousarray(to_nhwc(preprocess(p, resolution)[0]), dtype=np.float32)
+            for p in calibration_images(split_dir, n, seed)]
+
+
+def signature_data(model_path: str | Path, inputs: Iterable[np.ndarray]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """ai-edge-quantizer's calibration/test data format: ``{signature: [{input_name: array}, ...]}``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(model_path))
+    sigs = interp.get_signature_list()
+    if len(sigs) != 1:
+        raise ValueError(f"{model_path}: expected one signature, found {list(sigs)}")
+    key, sig = next(iter(sigs.items()))
+    if len(sig["inputs"]) != 1:
+        raise ValueError(f"{model_path}: expected one input, found {sig['inputs']}")
+    name = sig["inputs"][0]
+    return {key: [{name: x} for x in inputs]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recipes
+# ----------------------------------------------------------------------------------------------------------------
+
+def _op(name: str):
+    from ai_edge_quantizer.qtyping import TFLOperationName
+
+    return getattr(TFLOperationName, name)
+
+
+def _manager(entries: Sequence[tuple[str, str, int]]):
+    """RecipeManager from (regex, op name, activation bits) entries: int8 channel-wise weights, min/max ranges."""
+    from ai_edge_quantizer import recipe_manager
+
+    rm = recipe_manager.RecipeManager()
+    for regex, op, abits in entries:
+        rm.add_static_config(regex=regex, operation_name=_op(op), activation_num_bits=abits, weight_num_bits=8)
+    return rm
+
+
+def _escape(name: str) -> str:
+    return re.escape(name)
+
+
+def build_recipe(name: str, *, exclude_tensors: Iterable[str] = (), ops: Sequence[str] = MATMUL_OPS,
+                 scope: str = BACKBONE_SCOPE) -> list[dict[str, Any]]:
+    """The named recipe as ai-edge-quantizer's list of configs (JSON-able).
+
+    ``exclude_tensors``: output tensor names of single-output ops to keep in float (``snr_guided``); implemented as
+    an anchored negative lookahead in front of the scope regex.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {list(RECIPES)}")
+    if name == "full_int8":
+        from ai_edge_quantizer import recipe
+
+        return recipe.static_wi8_ai8()
+    abits = 16 if name == "backbone_w8a16" else 8
+    excl = list(exclude_tensors)
+    regex = scope
+    if excl:
+        # ai-edge-quantizer re.search()es the op scope "<output names joined by ;>;" — anchor the lookahead.
+        regex = "^(?!(?:" + "|".join(_escape(t) + ";" for t in excl) + ")$)" + scope
+    return _manager([(regex, op, abits) for op in ops]).get_quantization_recipe()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantise, validate
+# ----------------------------------------------------------------------------------------------------------------
+
+def _quantized_op_counts(model: bytes) -> dict[str, int]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=model)
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    out: dict[str, int] = {}
+    for o in interp._get_ops_details():
+        ts = [tensors[i] for i in list(o["inputs"]) + list(o["outputs"]) if i >= 0 and i in tensors]
+        if any(np.dtype(t["dtype"]) in (np.int8, np.int16) for t in ts):
+            out[o["op_name"]] = out.get(o["op_name"], 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def make_quantizer(fp32_path: str | Path, recipe: Any):
+    from ai_edge_quantizer import quantizer
+
+    return quantizer.Quantizer(str(fp32_path), recipe)
+
+
+def calibrate(fp32_path: str | Path, recipe_name: str, calibration: Sequence[np.ndarray], *, recipe: Any = None,
+              num_threads: int = 2) -> dict[str, Any]:
+    """Calibration statistics (per-tensor min/max) for the tensors the recipe quantises.
+
+    The statistics do not depend on the bit width, so one calibration with ``backbone_w8a8`` serves
+    ``backbone_w8a16`` (and any ``snr_guided`` subset of it) through ``quantize_tflite(calibration_result=...)``.
+    Calibration keeps every tensor of a forward pass alive (about 9 GB RSS for the 432² model)."""
+    rcp = recipe if recipe is not None else build_recipe(recipe_name)
+    qt = make_quantizer(fp32_path, rcp)
+    if not calibration:
+        raise ValueError(f"recipe {recipe_name!r} needs calibration data")
+    calib = qt.calibrate(signature_data(fp32_path, calibration), num_threads=num_threads)
+    if not calib:
+        raise ValueError(f"recipe {recipe_name!r} selects no op of {fp32_path} (no tensor to calibrate): "
+                         f"check its scope regexes against the file's tensor names")
+    return calib
+
+
+def quantize_tflite(fp32_path: str | Path, recipe_name: str, calibration: Sequence[np.ndarray], dst: str | Path, *,
+                    recipe: Any = None, return_quantizer: bool = False, num_threads: int = 2,
+                    calibration_result: dict[str, Any] | None = None):
+    """Quantise ``fp32_path`` with the named recipe (or an explicit ``recipe``), calibrated on ``calibration``
+    (NHWC inputs) or with a ``calibration_result`` of ``calibrate``; write ``dst`` (atomically). Returns
+    ``QuantizeResult`` (and the Quantizer when asked, for ``validate``)."""
+    t0 = time.time()
+    rcp = recipe if recipe is not None else build_recipe(recipe_name)
+    qt = make_quantizer(fp32_path, rcp)
+    calib = None
+    if qt.need_calibration and calibration_result is not None:
+        calib = calibration_result
+    elif qt.need_calibration:
+        if not calibration:
+            raise ValueError(f"recipe {recipe_name!r} needs calibration data")
+        calib = qt.calibrate(signature_data(fp32_path, calibration), num_threads=num_threads)
+        if not calib:
+            raise ValueError(f"recipe {recipe_name!r} selects no op of {fp32_path} (no tensor to calibrate): "
+                             f"check its scope regexes against the file's tensor names")
+    res = qt.quantize(calib, enable_progress_report=False)
+    data = bytes(res.quantized_model)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(dst)
+    out = QuantizeResult(recipe=recipe_name, path=str(dst), size_bytes=len(data),
+                         fp32_size_bytes=Path(fp32_path).stat().st_size, seconds=time.time() - t0,
+                         num_calibration=len(calibration), quantized_ops=_quantized_op_counts(data))
+    return (out, qt) if return_quantizer else out
+
+
+def layer_snr(qt: Any, fp32_path: str | Path, test_inputs: Sequence[np.ndarray], num_threads: int = 2
+              ) -> list[dict[str, Any]]:
+    """Per-tensor SNR (dB) and MSE of the quantised model against the float one (ai-edge-quantizer ``validate``),
+    lowest SNR first. Each row: tensor name, snr_db, mse."""
+    from ai_edge_quantizer.utils.validation_utils import ValidationErrorMetric
+
+    res = qt.validate(signature_data(fp32_path, test_inputs), error_metrics=[ValidationErrorMetric.SNR,
+                                                                             ValidationErrorMetric.MSE],
+                      num_threads=num_threads)
+    rows = []
+    for name, metrics in res.get_all_tensor_results().items():
+        rows.append({"tensor": name, **{str(k).lower(): float(v) for k, v in dict(metrics).items()}})
+    rows.sort(key=lambda r: r.get("snr", float("inf")))
+    return rows
+
+
+def snr_guided_recipe(snr_rows: Sequence[dict[str, Any]], snr_db: float = 20.0, quantized_tensors: Iterable[str] = ()
+                      ) -> tuple[list[dict[str, Any]], list[str]]:
+    """``backbone_w8a8`` minus the quantised layers whose output SNR is below ``snr_db``.
+
+    ``snr_rows``: ``layer_snr`` of a ``backbone_w8a8`` model; ``quantized_tensors``: the output tensor names of the
+    ops that recipe quantised (only those can be excluded). Returns (recipe, excluded tensor names).
+    """
+    qset = set(quantized_tensors)
+    low = [r["tensor"] for r in snr_rows if r.get("snr", float("inf")) < snr_db and (not qset or r["tensor"] in qset)]
+    return build_recipe("snr_guided", exclude_tensors=low), low
+
+
+def quantized_output_tensors(model_path: str | Path, ops: Sequence[str] = MATMUL_OPS) -> list[str]:
+    """Output tensor names of the ops of ``ops`` types that carry int8/int16 weights in a quantised model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(model_path))
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    names = []
+    for o in interp._get_ops_details():
+        if o["op_name"] not in ops:
+            continue
+        ins = [tensors[i] for i in o["inputs"] if i >= 0 and i in tensors]
+        if any(np.dtype(t["dtype"]) in (np.int8, np.int16) for t in ins):
+            names.extend(tensors[i]["name"] for i in o["outputs"] if i in tensors)
+    return names
+
+
+def run_once(model_path: str | Path, x_nhwc: np.ndarray, num_threads: int = 1) -> dict[str, np.ndarray]:
+    """Invoke a .tflite once (XNNPACK) and return its outputs by tensor name; raises what LiteRT raises (e.g. the
+    full-int8 DIV failure)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(model_path), num_threads=num_threads)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    interp.set_tensor(inp["index"], np.asarray(x_nhwc, dtype=inp["dtype"]))
+    interp.invoke()
+    return {d["name"]: np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()}

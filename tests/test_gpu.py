@@ -1,0 +1,218 @@
+"""nailkit.gpu: the flatbuffer op check, the GPU delegate's own verdict under SwiftShader, fp16 safety, and the
+GPU-clean replacements (tent-matmul sampler, ≤4-D windowing and deformable attention, SafeLayerNorm, sine embed).
+
+The delegate tests need SwiftShader's Vulkan driver (`apt-get install -y chromium libvulkan1`, done by the Makefile);
+without it they skip with the reason. Everything else runs anywhere in seconds (hand-written probe flatbuffers, no
+converter).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nailkit import gpu
+
+GPU_REASON = gpu.gpu_unavailable_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU delegate check: {GPU_REASON}")
+
+LOG = """\
+I0000 environment.cc:532] Selected adapter: SwiftShader Device (Subzero), arch=swiftshader, vendor=google, \
+backend=Vulkan, adapterType=CPU / Software
+ERROR: Following operations are not supported by GPU delegate:
+GATHER_ND: Operation is not supported.
+MUL: Tensor dimensions must be less than 5. __main__.M;16
+SUB: Max version supported: 2. Requested version 3.
+9 operations will run on the GPU, and the remaining 5 operations will run on the CPU.
+I0000 delegate_kernel.cc:984] Initializing WebGPU-based API from graph.
+"""
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("probes")
+    return {k: gpu.write_probe_model(d / f"{k}.tflite", k) for k in ("clean", "blocked")}
+
+
+def _cpu_run(path, x):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"])
+
+
+def test_parse_delegate_log():
+    p = gpu.parse_delegate_log(LOG)
+    assert p["adapter"].startswith("SwiftShader Device")
+    assert (p["ops_on_gpu"], p["ops_on_cpu"]) == (9, 5)
+    assert [r["op"] for r in p["refusals"]] == ["GATHER_ND", "MUL", "SUB"]
+    assert p["refusals"][1] == {"op": "MUL", "reason": "Tensor dimensions must be less than 5.", "where": "__main__.M;16"}
+    assert p["refusals"][2]["reason"] == "Max version supported: 2. Requested version 3."
+
+
+def test_op_check_clean_and_blocked(probes):
+    clean = gpu.op_check(probes["clean"])
+    assert clean.ok and clean.n_ops == 2 and clean.histogram == {"ADD": 1, "MUL": 1} and not clean.over_4d
+    blocked = gpu.op_check(probes["blocked"])
+    assert not blocked.ok
+    assert blocked.banned == {"GATHER": 1, "CAST→INT32": 1}  # the CAST back to float is not banned
+    assert [t[1] for t in blocked.over_4d] == [[1, 2, 4, 8, 4]]
+    assert blocked.histogram["RESHAPE"] == 2 and blocked.int_tensors == 1
+    assert "BLOCKERS" in blocked.line() and "GPU-clean" in clean.line()
+
+
+def test_op_check_rejects_non_tflite(tmp_path):
+    p = tmp_path / "x.tflite"
+    p.write_bytes(b"not a model at all")
+    with pytest.raises(ValueError, match="TFL3"):
+        gpu.op_check(p)
+
+
+def test_unavailable_reason_is_one_line(monkeypatch, probes):
+    monkeypatch.setattr(gpu, "swiftshader_icd", lambda: None)
+    why = gpu.gpu_unavailable_reason()
+    assert why and "\n" not in why and "chromium" in why
+    v = gpu.delegate_verdict(probes["clean"])
+    assert not v.available and not v.ok and v.line().startswith("GPU check skipped:")
+
+
+@needs_gpu
+@pytest.mark.parametrize("enforce_f32", [False, True])
+def test_delegate_clean_model_fully_on_gpu(probes, enforce_f32):
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    v = gpu.delegate_verdict(probes["clean"], enforce_f32=enforce_f32, inputs={"input": x})
+    assert "SwiftShader" in v.adapter, v.log_tail[-2000:]
+    assert v.compiled and v.fully_accelerated and v.ok, v.line()
+    assert (v.ops_on_gpu, v.ops_total) == (2, 2)
+    ref = _cpu_run(probes["clean"], x)
+    np.testing.assert_allclose(v.outputs["output"], ref, rtol=2e-3, atol=2e-3)  # fp16 by default
+
+
+@needs_gpu
+def test_delegate_refuses_blocked_model_alone_and_reports_why(probes):
+    v = gpu.delegate_verdict(probes["blocked"])
+    assert not v.compiled and not v.ok
+    assert "not accelerated" in v.error
+    ops = v.refusal_summary()
+    assert ops["RESHAPE"] == {"Tensor dimensions must be less than 5.": 1}
+    assert (v.ops_on_gpu, v.ops_on_cpu) == (3, 2)
+
+
+@needs_gpu
+def test_delegate_mixed_run_is_not_ok_even_when_litert_says_fully_accelerated(probes):
+    """Measured: with GPU|CPU, is_fully_accelerated() returned True although the delegate left 2 of 5 ops on the
+    CPU; the verdict's ``ok`` also requires every op on the GPU, so it stays False."""
+    x = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    v = gpu.delegate_verdict(probes["blocked"], inputs={"input": x}, allow_cpu=True)
+    assert v.compiled and v.ops_on_gpu == 3 and v.ops_total == 5
+    assert not v.ok
+    np.testing.assert_allclose(v.outputs["output"], _cpu_run(probes["blocked"], x), atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp16 safety
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(256, 256)
+        self.norm = torch.nn.LayerNorm(256)
+
+    def forward(self, x):
+        y = self.norm(self.lin(x) * 400.0)
+        return torch.softmax(y, -1)
+
+
+def test_activation_maxima_flags_fp16_overflow_and_safe_layernorm_fixes_it():
+    torch.manual_seed(0)
+    m = _Tiny().eval()
+    x = torch.randn(1, 10, 256)
+    before = gpu.activation_maxima(m, (x,))
+    assert before["layer_norm_sites"] == 1 and before["softmax_sites"] == 1
+    assert before["layer_norm_max_abs_in"] > 100
+    assert before["layer_norm_max_sumsq"] > gpu.FP16_MAX and before["fp16_overflow_sites"] == ["layer_norm@norm"]
+    with torch.no_grad():
+        ref = m(x)
+    assert gpu.replace_layernorms(m) == 1
+    after = gpu.activation_maxima(m, (x,))
+    assert after["layer_norm_max_abs_in"] == pytest.approx(before["layer_norm_max_abs_in"], rel=1e-6)
+    assert after["layer_norm_max_abs_reduced"] <= 8.0 + 1e-4  # S = max|x|/8 per row
+    assert after["layer_norm_max_sumsq"] < gpu.FP16_MAX and after["fp16_overflow_sites"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_safe_layernorm_equals_layernorm_small_and_large_and_channels_first():
+    from rfdetr.models.backbone.projector import LayerNorm as ChannelsFirstLN
+
+    torch.manual_seed(0)
+    cls = gpu.safe_layernorm_class()
+    ln = torch.nn.LayerNorm(64, eps=1e-6)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    for scale in (0.01, 1.0, 1000.0):
+        x = torch.randn(3, 7, 64) * scale
+        torch.testing.assert_close(cls(ln)(x), ln(x), rtol=1e-4, atol=1e-4)
+    cf = ChannelsFirstLN(32)
+    torch.nn.init.normal_(cf.weight)
+    x = torch.randn(1, 32, 5, 6) * 500
+    torch.testing.assert_close(cls(cf, channels_first=True)(x), cf(x), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU-clean replacements equal rfdetr's ops
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_tent_grid_sample_equals_grid_sample():
+    torch.manual_seed(0)
+    v = torch.randn(4, 8, 9, 11)
+    loc = torch.rand(4, 20, 3, 2) * 1.2 - 0.1  # some samples outside the map: zero padding
+    ref = torch.nn.functional.grid_sample(v, 2 * loc - 1, mode="bilinear", padding_mode="zeros",
+                                          align_corners=False)
+    torch.testing.assert_close(gpu.tent_grid_sample(v, loc), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_window_partition_and_reverse_match_rfdetr_order():
+    b, nh, nw, c, nwin = 1, 6, 6, 5, 2
+    x = torch.arange(b * nh * nw * c, dtype=torch.float32).reshape(b, nh, nw, c)
+    wh, ww = nh // nwin, nw // nwin
+    ref = x.reshape(b * nwin, wh, nwin, ww, c).permute(0, 2, 1, 3, 4).reshape(b * nwin * nwin, wh * ww, c)
+    got = x.reshape(b * nwin, wh, nwin, ww * c).permute(0, 2, 1, 3).reshape(b * nwin * nwin, wh * ww, c)
+    torch.testing.assert_close(got, ref)  # the partition used in _windowed_embeddings_forward
+    torch.testing.assert_close(gpu._window_reverse(ref, b, nh, nw, nwin), x)
+
+
+def test_sine_embed_equals_rfdetr():
+    from rfdetr.models.transformer import gen_sineembed_for_position
+
+    pos = torch.rand(1, 50, 4)
+    torch.testing.assert_close(gpu._sine_embed_gpu(pos, 128), gen_sineembed_for_position(pos, 128),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_msda_gpu_forward_equals_rfdetr():
+    from rfdetr.models.ops.modules.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    m = MSDeformAttn(d_model=64, n_levels=1, n_heads=4, n_points=2).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    h = w = 9
+    q, mem = torch.randn(1, 30, 64), torch.randn(1, h * w, 64)
+    ref_pts = torch.rand(1, 30, 1, 4) * 0.6 + 0.2
+    ss, lsi = torch.tensor([[h, w]]), torch.tensor([0])
+    with torch.no_grad():
+        ref = m(q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
+        m._nailkit_hw = (h, w)
+        got = gpu._msda_forward_gpu(m, q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_tanh_gelu_close_to_gelu():
+    x = torch.linspace(-6, 6, 1001)
+    assert (gpu.tanh_gelu(x) - torch.nn.functional.gelu(x)).abs().max() < 1e-3
