@@ -235,15 +235,15 @@ def model_card(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[st
                negatives: Sequence[str | os.PathLike[str]] | None = None) -> dict[str, Any]:
     """Score ``checkpoint`` (PyTorch fp32 at its resolution) on ``dataset/<split>`` and on nail-free photos, check the
     quality bar (``nailkit.gates``, stage ``quality_bar``), and write ``<stem>.card.json`` + ``<stem>.md`` beside it."""
-    import torch
-
     from nailkit import gates
     from nailkit.data import sample_images
     from nailkit.evaluate import evaluate, negatives_max_score
     from nailkit.runtime import make_runner
 
     ckpt = Path(checkpoint)
-    record = torch.load(ckpt, map_location="cpu", weights_only=True).get("nailkit_training", {})
+    from nailkit.checkpoint import load_checkpoint
+
+    record = load_checkpoint(ckpt).get("nailkit_training", {})  # weights_only, rfdetr's Namespace allowed
     runner = make_runner(ckpt)
     try:
         metrics = evaluate(ckpt, dataset, split=split, runner=runner).metrics
