@@ -282,7 +282,7 @@ if isinstance(out, dict):
     out = [out[k] for k in ("pred_boxes", "pred_logits", "pred_masks") if k in out]
 np.savez(sys.argv[3], *[o.numpy() for o in out])
 mods = sorted(k for k in sys.modules if k.split(".")[0] in ("rfdetr", "nailkit"))
-X
+print(sys.argv[4] + json.dumps({"modules": mods}), flush=True)
 """
 
 

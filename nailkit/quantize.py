@@ -215,12 +215,7 @@ def quantize_tflite(fp32_path: str | Path, recipe_name: str, calibration: Sequen
     if qt.need_calibration and calibration_result is not None:
         calib = calibration_result
     elif qt.need_calibration:
-        if not calibration:
-            raise ValueError(f"recipe {recipe_name!r} needs calibration data")
-        calib = qt.calibrate(signature_data(fp32_path, calibration), num_threads=num_threads)
-        if not calib:
-            raise ValueError(f"recipe {recipe_name!r} selects no op of {fp32_path} (no tensor to calibrate): "
-                             f"check its scope regexes against the file's tensor names")
+        calib = calibrate(fp32_path, recipe_name, calibration, recipe=rcp, num_threads=num_threads)
     res = qt.quantize(calib, enable_progress_report=False)
     data = bytes(res.quantized_model)
     dst = Path(dst)
