@@ -301,6 +301,10 @@ def render_card(card: dict[str, Any]) -> str:
              f"done: {t.get('epochs_done')}; wall time {t.get('wall_s_total', 0) / 60:.0f} min over "
              f"{len(sessions)} run(s); hardware: {'; '.join(hw)}.",
              f"- Final training losses (last logged): {t.get('final_losses')}.",
+             *[f"- Run {i}: {h.get('started')}, {h.get('wall_s', 0) / 60:.0f} min, data {h.get('dataset')} "
+               f"(generator v{h.get('dataset_info', {}).get('version', '?')}), up to optimizer step "
+               f"{h.get('global_step')}" + (f"; {h['note']}" if h.get("note") else "") + "."
+               for i, h in enumerate(sessions, start=1)],
              "", "## Metrics", "",
              f"On the synthetic **{card['evaluation']['split']}** split ({m['images']} images, {m['instances']} nails, "
              f"never seen in training), PyTorch fp32 at {card['evaluation']['resolution']}, pycocotools:", "",
@@ -318,8 +322,8 @@ def render_card(card: dict[str, Any]) -> str:
         lines += ["**Falls short of the quality bar**: " + "; ".join(card["quality_bar_failures"]) + ".", "",
                   "Training more closes the gap; resume it (same machine: the full state is in "
                   "`~/.cache/nailkit/train-demo/`):", "",
-                  "```bash", "python -m nailkit make-dataset ~/.cache/nailkit/nails-seed0 --seed 0   # if absent",
-                  "python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0 --out nails_seg_preview.pth \\",
+                  "```bash", "python -m nailkit make-dataset ~/.cache/nailkit/nails-seed0-v2 --seed 0   # if absent",
+                  "python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0-v2 --out nails_seg_preview.pth \\",
                   "    --resume ~/.cache/nailkit/train-demo --minutes 120", "```", ""]
     else:
         lines += ["Meets the quality bar.", ""]
