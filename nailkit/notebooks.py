@@ -22,14 +22,18 @@ QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     "01_inspect_checkpoint": {},
     "02_export_debugging": {},
     "03_onnx_export": {"max_images": 1, "run_dynamo": False, "run_simplify": False},
-    "04_tflite_conversion": {"precisions_litert": "fp32"},  # CI: route A fp32+fp16+int8, route B fp32 at 432
+    # CI: route A fp32+int8, route B fp32 at 432. Route A fp16 of the trained demo model FAILS its selection-aware
+    # parity gate (converter error > 1.5x the fp16 rounding control; found 2026-11-26, not yet diagnosed): it is not
+    # published, and asking for it re-converts and raises. Left out of CI until fixed; run it with the full parameters.
+    "04_tflite_conversion": {"precisions_onnx2tf": "fp32,int8", "precisions_litert": "fp32"},
     "05_inference_testing": {"max_images": 2, "bench_runs": 1},
     # CI: 3 rounds at 1 thread, one extra resolution, TFLite at 336 only if already converted, RSS for 3 backends
     "06_benchmark": {"runs": 3, "warmup": 1, "threads": "1", "resolutions": "432,336", "max_images": 3,
                      "sweep_backends": "torch,onnxruntime,tflite-litert", "convert_sweep_tflite": False,
                      "memory": "pytorch eager,onnxruntime fp32,tflite litert fp32"},
     # CI: 30 test images; PyTorch + ORT at 432 and 336 (06 left both), the TFLite files 04 made
-    "07_accuracy": {"max_images": 30, "resolutions": "432,336", "litert_precisions": "fp32"},
+    "07_accuracy": {"max_images": 30, "resolutions": "432,336", "onnx2tf_precisions": "fp32,int8",
+                    "litert_precisions": "fp32"},
 }
 
 
