@@ -239,7 +239,7 @@ def test_make_runner_dispatch_errors(tmp_path, tiny_onnx):
 # ------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_torch_eager_traced_and_onnxruntime_agree_on_demo(demo_model, outputs_dir):
+def test_torch_eager_traced_and_onnxruntime_agree_on_demo(demo_model, demo_ckpt, outputs_dir):
     from nailkit.data import sample_images
     from nailkit.onnx_export import ensure_onnx
     from nailkit.parity import detection_parity
@@ -248,7 +248,7 @@ def test_torch_eager_traced_and_onnxruntime_agree_on_demo(demo_model, outputs_di
     eager = make_runner(demo_model)
     traced = make_runner(demo_model, backend="torch-traced")
     assert not demo_model._is_optimized_for_inference  # rf.predict() still runs the eager model
-    onnx_path, _ = ensure_onnx("", outputs_dir, rf=demo_model)
+    onnx_path, _ = ensure_onnx(demo_ckpt, outputs_dir, rf=demo_model)  # "" is the trained model, not this one
     ort = make_runner(onnx_path, threads=2)
     assert ort.resolution == eager.resolution == 432 and ort.class_names == eager.class_names
     img = sample_images(kind="photos")[0]
