@@ -85,7 +85,7 @@ def test_cli_export_onnx_prints_path_and_parity(verified_432, demo_ckpt, outputs
     rc = main(["export-onnx", str(demo_ckpt), "--out", str(outputs_dir)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert str(verified_432[0]) in out and "PASS" in out and "pred_masks" in out
+    assert str(verified_432.path) in out and "PASS" in out and "pred_masks" in out
 
 
 def test_cli_export_onnx_bad_resolution_exits_2(demo_ckpt, tmp_path, capsys):
