@@ -144,6 +144,11 @@ def test_failing_onnx_gate_stops_convert_and_bundle(tmp_path, demo_ckpt, monkeyp
     monkeypatch.setattr(onnx_export, "export_onnx_with_meta", fake_export)
     monkeypatch.setattr(onnx_export, "verify_onnx", failing_verify)
     monkeypatch.setattr(tflite, "run_worker", no_worker)
+    import nailkit.model
+
+    # bundle keeps its artifacts in the default outputs/ folder: point that at this test's folder, so an ONNX that
+    # another test verified and cached there cannot stand in for the failing export
+    monkeypatch.setattr(nailkit.model, "DEFAULT_OUTPUT_DIR", tmp_path / "out")
     out = tmp_path / "out"
     for argv in (["convert", str(demo_ckpt), "--out", str(out), "--route", "onnx2tf", "--precision", "fp32"],
                  ["bundle", str(demo_ckpt), "--out", str(out / "bundle"), "--route", "onnx2tf"]):
