@@ -200,22 +200,30 @@ def test_artifact_parity_passes_the_gates_tie_eps(monkeypatch):
 # ------------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def refs2(demo_model):
-    from nailkit.data import sample_images
-    from nailkit.model import export_module
+def trained_ckpt():
+    """The default (trained) model: notebook 04 converts it earlier in the same run, so these tests reuse its files."""
+    from nailkit.model import resolve_checkpoint
 
-    module = export_module(demo_model, 432)
+    return resolve_checkpoint("")
+
+
+@pytest.fixture(scope="module")
+def refs2(trained_ckpt):
+    from nailkit.data import sample_images
+    from nailkit.model import export_module, load_model
+
+    module = export_module(load_model(trained_ckpt), 432)
     imgs = sample_images("photos")[:1] + sample_images("synthetic")[:1]
     return module, tflite.reference_outputs(module, imgs, 432)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("route", ["litert", "onnx2tf"])
-def test_fp32_gates_and_cache(route, demo_ckpt, outputs_dir, refs2):
+def test_fp32_gates_and_cache(route, trained_ckpt, outputs_dir, refs2):
     module, refs = refs2
-    path, meta = tflite.ensure_tflite(demo_ckpt, outputs_dir, route, "fp32", 432)
+    path, meta = tflite.ensure_tflite(trained_ckpt, outputs_dir, route, "fp32", 432)
     mtime = path.stat().st_mtime
-    path2, meta2 = tflite.ensure_tflite(demo_ckpt, outputs_dir, route, "fp32", 432)  # cache hit: no conversion
+    path2, meta2 = tflite.ensure_tflite(trained_ckpt, outputs_dir, route, "fp32", 432)  # cache hit: no conversion
     assert path2 == path and meta2 == meta and path.stat().st_mtime == mtime
     assert meta["conversion_wall_s"] > 0 and meta["conversion_peak_rss_mb"] > 100
     assert tflite.TFLiteModel(path).input_shape == (1, 432, 432, 3)
@@ -225,8 +233,8 @@ def test_fp32_gates_and_cache(route, demo_ckpt, outputs_dir, refs2):
 
 
 @pytest.mark.slow
-def test_delegation_report_counts_ops(demo_ckpt, outputs_dir):
-    path, _ = tflite.ensure_tflite(demo_ckpt, outputs_dir, "litert", "fp32", 432)
+def test_delegation_report_counts_ops(trained_ckpt, outputs_dir):
+    path, _ = tflite.ensure_tflite(trained_ckpt, outputs_dir, "litert", "fp32", 432)
     rep = tflite.delegation_report(path, outputs_dir)
     assert rep["ops"] == sum(rep["histogram"].values()) > 100
     assert 0 < rep["xnnpack_nodes"] <= rep["xnnpack_total"] and rep["xnnpack_partitions"] >= 1
@@ -244,11 +252,11 @@ def test_cli_convert_refuses_missing_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_convert_litert_fp32_passes_gates(demo_ckpt, outputs_dir, capsys):
+def test_cli_convert_litert_fp32_passes_gates(trained_ckpt, outputs_dir, capsys):
     """checkpoint → TFLite in one call, verified; reuses the cached artifact in outputs/."""
     from nailkit.cli import main
 
-    rc = main(["convert", str(demo_ckpt), "--out", str(outputs_dir), "--route", "litert", "--precision", "fp32"])
+    rc = main(["convert", str(trained_ckpt), "--out", str(outputs_dir), "--route", "litert", "--precision", "fp32"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "litert fp32" in out and "ok" in out
