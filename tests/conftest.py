@@ -48,3 +48,18 @@ def demo_model(demo_ckpt):
     from nailkit.model import load_model
 
     return load_model(demo_ckpt)
+
+
+@pytest.fixture(scope="session")
+def cpu_run():
+    """Run a single-input .tflite once on LiteRT's CPU interpreter: cpu_run(path, x) -> first output."""
+    def run(path, x):
+        from ai_edge_litert.interpreter import Interpreter
+
+        it = Interpreter(model_path=str(path))
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], x)
+        it.invoke()
+        return it.get_tensor(it.get_output_details()[0]["index"])
+
+    return run

@@ -35,16 +35,6 @@ def probes(tmp_path_factory):
     return {k: gpu.write_probe_model(d / f"{k}.tflite", k) for k in ("clean", "blocked")}
 
 
-def _cpu_run(path, x):
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path))
-    it.allocate_tensors()
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])
-
-
 def test_parse_delegate_log():
     p = gpu.parse_delegate_log(LOG)
     assert p["adapter"].startswith("SwiftShader Device")
@@ -82,13 +72,13 @@ def test_unavailable_reason_is_one_line(monkeypatch, probes):
 
 @needs_gpu
 @pytest.mark.parametrize("enforce_f32", [False, True])
-def test_delegate_clean_model_fully_on_gpu(probes, enforce_f32):
+def test_delegate_clean_model_fully_on_gpu(probes, enforce_f32, cpu_run):
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
     v = gpu.delegate_verdict(probes["clean"], enforce_f32=enforce_f32, inputs={"input": x})
     assert "SwiftShader" in v.adapter, v.log_tail[-2000:]
     assert v.compiled and v.fully_accelerated and v.ok, v.line()
     assert (v.ops_on_gpu, v.ops_total) == (2, 2)
-    ref = _cpu_run(probes["clean"], x)
+    ref = cpu_run(probes["clean"], x)
     np.testing.assert_allclose(v.outputs["output"], ref, rtol=2e-3, atol=2e-3)  # fp16 by default
 
 
@@ -103,14 +93,14 @@ def test_delegate_refuses_blocked_model_alone_and_reports_why(probes):
 
 
 @needs_gpu
-def test_delegate_mixed_run_is_not_ok_even_when_litert_says_fully_accelerated(probes):
+def test_delegate_mixed_run_is_not_ok_even_when_litert_says_fully_accelerated(probes, cpu_run):
     """Measured: with GPU|CPU, is_fully_accelerated() returned True although the delegate left 2 of 5 ops on the
     CPU; the verdict's ``ok`` also requires every op on the GPU, so it stays False."""
     x = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype(np.float32)
     v = gpu.delegate_verdict(probes["blocked"], inputs={"input": x}, allow_cpu=True)
     assert v.compiled and v.ops_on_gpu == 3 and v.ops_total == 5
     assert not v.ok
-    np.testing.assert_allclose(v.outputs["output"], _cpu_run(probes["blocked"], x), atol=2e-3)
+    np.testing.assert_allclose(v.outputs["output"], cpu_run(probes["blocked"], x), atol=2e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

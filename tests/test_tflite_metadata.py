@@ -25,16 +25,6 @@ def _doc(**kw):
                              postprocess_steps=["sigmoid", "top-k"], graph={"name": "graph_c", "of": 3}, **kw)
 
 
-def _run(path, x):
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_path=str(path))
-    it.allocate_tensors()
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])
-
-
 def test_embed_and_read_back_with_zip_only(model, tmp_path):
     doc = _doc()
     out = tm.embed_metadata(model, doc, tmp_path / "with_md.tflite")
@@ -64,10 +54,10 @@ def test_read_back_from_flatbuffer_metadata_map_stdlib_only(model, tmp_path):
     assert doc["postprocess"]["version"] == tm.POSTPROCESS_VERSION
 
 
-def test_model_runs_identically_and_ops_unchanged(model, tmp_path):
+def test_model_runs_identically_and_ops_unchanged(model, tmp_path, cpu_run):
     out = tm.embed_metadata(model, _doc(), tmp_path / "with_md.tflite")
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    np.testing.assert_array_equal(_run(out, x), _run(model, x))
+    np.testing.assert_array_equal(cpu_run(out, x), cpu_run(model, x))
     assert gpu.op_check(out).histogram == gpu.op_check(model).histogram
 
 
