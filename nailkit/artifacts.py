@@ -10,6 +10,9 @@
   *before* publishing; a file under its final name with a sidecar has therefore passed its gate.
 * **Validity** (``cached``): the sidecar's key equals the wanted key **and** the file's sha256 equals the
   sidecar's. A file edited in place (even to the same size) is not reused.
+* **Refusals** (``record_refusal`` / ``refusal``): a file that failed its gate leaves ``<file>.refused.json`` (key +
+  failures) instead of itself, so a request for the same key fails at once rather than redoing a slow conversion
+  known to fail; ``publish`` of a passing file for that path removes the record.
 
 ``atomic_write`` and ``file_sha256`` live here (``nailkit.checkpoint`` re-exports them for older callers).
 """
@@ -175,7 +178,39 @@ def publish(staged: str | os.PathLike[str], dst: str | os.PathLike[str], meta: d
     meta = dict(meta, sha256=file_sha256(staged, 64), bytes=staged.stat().st_size)
     dst.parent.mkdir(parents=True, exist_ok=True)
     sidecar_path(dst).unlink(missing_ok=True)  # an old sidecar must never describe the new file
+    refusal_path(dst).unlink(missing_ok=True)  # a file that passed its gate supersedes an earlier refusal
     os.chmod(staged, 0o644)
     os.replace(staged, dst)
     write_sidecar(dst, meta)
     return Artifact(dst, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# refusals: a gate that failed is remembered like a file that passed
+# ----------------------------------------------------------------------------------------------------------------
+
+def refusal_path(path: str | os.PathLike[str]) -> Path:
+    """``<file>.refused.json``: the record that ``path`` was produced for a key and failed its gate."""
+    p = Path(path)
+    return p.with_name(p.name + ".refused.json")
+
+
+def record_refusal(path: str | os.PathLike[str], key: dict[str, Any], failures: Sequence[str],
+                   **meta: Any) -> Path:
+    """Remember that the artifact ``path`` for ``key`` failed its gate with ``failures`` (the file itself was never
+    published). A later request for the same key can then refuse at once instead of redoing a conversion that is
+    known to fail (``refusal``); a file published later for the key supersedes the record (``publish`` removes it)."""
+    import time
+
+    rec = {"key": key, "failures": list(failures), "recorded": time.strftime("%Y-%m-%d %H:%M:%S"), **meta}
+    return atomic_write(refusal_path(path), lambda tmp: tmp.write_text(json.dumps(rec, indent=1, default=str)))
+
+
+def refusal(path: str | os.PathLike[str], key: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The refusal record of ``path`` when it was made for this very ``key`` (same checkpoint content, parameters
+    and versions), else None: a new converter version or new weights get a fresh try."""
+    try:
+        rec = json.loads(refusal_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and rec.get("key") == key else None

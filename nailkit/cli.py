@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=None, help="default 17 (legacy) / 18 (dynamo)")
     s.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     s.add_argument("--simplify", action="store_true", help="run onnxslim on the exported graph")
+    s.add_argument("--sampling", choices=["grid", "tent"], default="grid",
+                   help="deformable-attention sampling: grid (rfdetr's grid_sample) or tent (gather-free matmul)")
+    s.add_argument("--mask-queries", type=int, default=None, metavar="N",
+                   help="masks only for the N best queries, selected in-graph (default: all)")
     s.add_argument("--trusted", action="store_true")
     s.set_defaults(handler="nailkit.onnx_export:cli_export_onnx")
 
@@ -102,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", type=_strs, default=["fp32", "fp16", "int8"],
                    help="comma list of fp32, fp16, int8 (and full_int8 on route onnx2tf, reported, not gated)")
     s.add_argument("--resolution", type=int, default=None, help="default: the checkpoint's")
+    s.add_argument("--sampling", choices=["grid", "tent"], default="grid",
+                   help="deformable-attention sampling: grid (rfdetr's grid_sample) or tent (gather-free matmul)")
+    s.add_argument("--mask-queries", type=int, default=None, metavar="N",
+                   help="masks only for the N best queries, selected in-graph (default: all)")
+    s.add_argument("--force", action="store_true",
+                   help="convert again even when cached, or when a refusal of the same conversion is recorded")
     s.add_argument("--trusted", action="store_true", help="allow unpickling arbitrary objects (only files you trust)")
     s.set_defaults(handler="nailkit.tflite:cli_convert")
 

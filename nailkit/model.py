@@ -188,8 +188,8 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
     * ``return_query_indices=True`` (only with ``mask_queries``): a 4th output ``query_indices [B,N]`` int32, the
       kept queries' indices in the full model's 200 (diagnostic; off by default because nailkit identifies outputs by
       rank/dtype and an integer rank-2 output already means ``topk_indices``).
-    * ``sampling``: ``None`` keeps rfdetr's ``grid_sample`` deformable sampling; ``"tent"`` swaps in the gather-free
-      matmul sampler of ``nailkit.sampling`` (``SAMPLERS`` lists the choices).
+    * ``sampling``: ``None`` / ``"grid"`` keeps rfdetr's ``grid_sample`` deformable sampling; ``"tent"`` swaps in the
+      gather-free matmul sampler of ``nailkit.sampling`` (``SAMPLING_CHOICES``).
     """
     import torch
     from rfdetr.export._backend import _switch_to_export_mode
@@ -213,10 +213,10 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
     net = copy.deepcopy(rf.model.model).cpu().eval()
     graph = prepare_export_graph(net, rf.model_config, shape=(res, res), device="cpu")
     _switch_to_export_mode(graph.model)
-    if sampling is not None:
+    if normalize_sampling(sampling) != "grid":
         from nailkit.sampling import swap_deformable_sampling
 
-        swap_deformable_sampling(graph.model, sampling)
+        swap_deformable_sampling(graph.model, normalize_sampling(sampling))
 
     class ExportModule(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module, n_out: int) -> None:
@@ -240,6 +240,42 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
     return mod
 
 
+#: the deformable-sampling choices of the export options: rfdetr's ``grid_sample`` ("grid", the default) and the
+#: gather-free tent matmul of ``nailkit.sampling`` ("tent")
+SAMPLING_CHOICES = ("grid", "tent")
+
+
+def normalize_sampling(sampling: str | None) -> str:
+    """``None`` / ``"grid"`` / ``"grid_sample"`` → ``"grid"``; ``"tent"`` → ``"tent"``; anything else: ValueError."""
+    if sampling in (None, "", "grid", "grid_sample"):
+        return "grid"
+    if sampling == "tent":
+        return "tent"
+    raise ValueError(f"unknown deformable sampling {sampling!r}; expected one of {SAMPLING_CHOICES}")
+
+
+def export_options(sampling: str | None = None, mask_queries: int | None = None) -> dict[str, Any]:
+    """The export options that change the graph, normalised, **only where they differ from the default** — what the
+    cache keys and file names of every stage (ONNX, both TFLite routes) add, so a default file keeps its key and a
+    tent / top-N file can never be served for a default request (or the other way round)."""
+    opts: dict[str, Any] = {}
+    if normalize_sampling(sampling) != "grid":
+        opts["sampling"] = normalize_sampling(sampling)
+    if mask_queries is not None:
+        n = int(mask_queries)
+        if n < 1:
+            raise ValueError(f"mask_queries must be a positive number of queries, got {mask_queries}")
+        opts["mask_queries"] = n
+    return opts
+
+
+def export_suffix(sampling: str | None = None, mask_queries: int | None = None) -> str:
+    """File-name tag of the export options: "" (default), "_tent", "_mq20", "_tent_mq20"."""
+    opts = export_options(sampling, mask_queries)
+    return ("_tent" if opts.get("sampling") == "tent" else "") + (f"_mq{opts['mask_queries']}"
+                                                                   if "mask_queries" in opts else "")
+
+
 def select_queries(scores, n: int):
     """One-hot selection matrix [B, n, Q] (float32) of the ``n`` highest ``scores`` [B, Q], descending, ties by
     ascending index (the order of a stable descending argsort).
@@ -254,9 +290,11 @@ def select_queries(scores, n: int):
     q = scores.shape[-1]
     s_i = scores.unsqueeze(-1)  # [B, Q(i), 1]
     s_j = scores.unsqueeze(-2)  # [B, 1, Q(j)]
-    earlier = torch.ones(q, q, dtype=torch.bool, device=scores.device).tril(-1)  # [i, j]: j < i
-    beats = torch.where(earlier, s_j >= s_i, s_j > s_i)  # [B, i, j]: j outranks i
-    rank = beats.to(torch.float32).sum(-1)  # [B, Q], exact small integers
+    earlier = torch.ones(q, q, dtype=torch.float32, device=scores.device).tril(-1)  # [i, j]: 1 where j < i
+    # j outranks i: s_j > s_i, or a tie with j < i. In float arithmetic (0/1 values, exact), not a bool Where:
+    # onnxruntime has no Where kernel for bool tensors.
+    beats = (s_j > s_i).to(torch.float32) + earlier * (s_j == s_i).to(torch.float32)  # [B, i, j]
+    rank = beats.sum(-1)  # [B, Q], exact small integers
     slots = torch.arange(n, dtype=torch.float32, device=scores.device)
     return (rank.unsqueeze(-2) == slots[:, None]).to(torch.float32)  # [B, n, Q]
 

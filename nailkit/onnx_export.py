@@ -31,7 +31,7 @@ import numpy as np
 
 from nailkit import artifacts, gates
 from nailkit.artifacts import atomic_write
-from nailkit.model import INPUT_NAME, export_module
+from nailkit.model import INPUT_NAME, export_module, export_options, export_suffix
 
 DEFAULT_OPSET = {"legacy": 17, "dynamo": 18}
 #: versions that enter the cache key
@@ -50,19 +50,25 @@ def default_opset(exporter: str) -> int:
 
 def export_onnx_with_meta(rf, out_path: str | os.PathLike[str], *, resolution: int | None = None,
                           opset: int | None = None, exporter: str = "legacy", segmentation: bool = True,
-                          simplify: bool = False) -> tuple[Path, dict[str, Any]]:
-    """``export_onnx`` that also returns {resolution, opset, exporter, export_seconds, simplify_seconds, bytes}."""
+                          simplify: bool = False, sampling: str | None = None, mask_queries: int | None = None
+                          ) -> tuple[Path, dict[str, Any]]:
+    """``export_onnx`` that also returns {resolution, opset, exporter, export_seconds, simplify_seconds, bytes}.
+
+    ``sampling`` ("grid" default | "tent") and ``mask_queries`` (None = all queries | N) are
+    ``nailkit.model.export_module``'s options; with ``mask_queries`` the outputs hold the N best queries' rows."""
     import torch
 
     opset = opset or default_opset(exporter)
     if exporter == "legacy" and opset < 16:
         raise ValueError(f"opset {opset} is too old for this model: deformable attention needs ONNX GridSample "
                          f"(opset >= 16); use 16 or newer (default 17)")
-    module = export_module(rf, resolution, segmentation=segmentation)  # validates resolution and seg head
+    module = export_module(rf, resolution, segmentation=segmentation, sampling=sampling,
+                           mask_queries=mask_queries)  # validates resolution, seg head and options
     res = module.resolution
     x = torch.zeros(1, 3, res, res)
     meta: dict[str, Any] = {"resolution": res, "opset": opset, "exporter": exporter, "simplify": bool(simplify),
-                            "segmentation": bool(segmentation), "output_names": list(module.output_names)}
+                            "segmentation": bool(segmentation), "output_names": list(module.output_names),
+                            **export_options(sampling, mask_queries)}
 
     def write(tmp: Path) -> None:
         import warnings
@@ -105,7 +111,8 @@ def _add_metadata(path: Path, rf, meta: dict[str, Any]) -> None:
 
     m = onnx.load(str(path))
     props = {"class_names": json.dumps(list(getattr(rf, "class_names", []) or [])),
-             "nailkit_export": json.dumps({k: meta[k] for k in ("resolution", "opset", "exporter", "simplify")})}
+             "nailkit_export": json.dumps({k: meta[k] for k in ("resolution", "opset", "exporter", "simplify",
+                                                                "sampling", "mask_queries") if k in meta})}
     for k, v in props.items():
         p = m.metadata_props.add()
         p.key, p.value = k, v
@@ -280,21 +287,27 @@ def verify_onnx(rf_or_module, onnx_path: str | os.PathLike[str], images: Optiona
 # cached, verified export
 # ----------------------------------------------------------------------------------------------------------------
 
-def onnx_file_name(stem: str, resolution: int, exporter: str, opset: int, simplify: bool, segmentation: bool) -> str:
+def onnx_file_name(stem: str, resolution: int, exporter: str, opset: int, simplify: bool, segmentation: bool,
+                   sampling: str | None = None, mask_queries: int | None = None) -> str:
     return (f"{stem}_{resolution}_{exporter}{opset}" + ("_slim" if simplify else "")
-            + ("" if segmentation else "_det") + ".onnx")
+            + ("" if segmentation else "_det") + export_suffix(sampling, mask_queries) + ".onnx")
 
 
 def ensure_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                 resolution: int | None = None, opset: int | None = None, exporter: str = "legacy",
                 simplify: bool = False, segmentation: bool = True, *, images: Optional[Sequence[Any]] = None,
-                rf=None, force: bool = False, verify: bool = True) -> artifacts.Artifact:
+                rf=None, force: bool = False, verify: bool = True, sampling: str | None = None,
+                mask_queries: int | None = None) -> artifacts.Artifact:
     """A verified ONNX file for ``checkpoint`` under ``output_dir/onnx/`` (``path, meta = ensure_onnx(...)``), reused
     when its sidecar key (checkpoint content + parameters + versions) matches and the file's sha256 is unchanged;
     otherwise exported into a staging folder, verified there, and published only when the gate passed.
 
     ``checkpoint`` "" = the demo; ``resolution`` None = the checkpoint's; ``opset`` None = 17 (legacy) / 18 (dynamo);
     ``images`` default: the real photos in data/; ``rf``: an already loaded model for ``checkpoint`` (saves a load).
+    ``sampling`` ("grid" default | "tent": the gather-free sampler, ``nailkit.sampling``) and ``mask_queries`` (None =
+    masks for all queries | N: only the N best queries' rows, ``nailkit.model.export_module``) enter the key and the
+    file name only when not the default. A tent file is verified against the *default* (grid_sample) PyTorch module
+    — the same gate, so the swap itself is checked too; a top-N file against the top-N PyTorch module.
     ``verify=False`` publishes an unverified file (``meta["verified"]`` False), which a later ``verify=True`` call
     re-exports. Raises ``ParityError`` (a RuntimeError; nothing is published) when the gate fails, ValueError for an
     invalid resolution, CheckpointError for a detection-only checkpoint when ``segmentation`` is requested.
@@ -311,9 +324,11 @@ def ensure_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.
     res = validate_resolution(rf, resolution)
     content = artifacts.checkpoint_content(ckpt)
     h, key = artifacts.artifact_key("onnx", content, {"resolution": res, "opset": opset, "exporter": exporter,
-                                                      "simplify": bool(simplify), "segmentation": bool(segmentation)},
+                                                      "simplify": bool(simplify), "segmentation": bool(segmentation),
+                                                      **export_options(sampling, mask_queries)},
                                     ONNX_PACKAGES)
-    path = out_dir / "onnx" / onnx_file_name(f"model_{h[:12]}", res, exporter, opset, simplify, segmentation)
+    path = out_dir / "onnx" / onnx_file_name(f"model_{h[:12]}", res, exporter, opset, simplify, segmentation,
+                                             sampling, mask_queries)
     meta = None if force else artifacts.cached(path, key)
     if meta and (meta.get("verified") or not verify):
         meta["cached"] = True
@@ -321,12 +336,15 @@ def ensure_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.
     report = None
     with artifacts.staging(path) as work:
         staged, emeta = export_onnx_with_meta(rf, work / path.name, resolution=res, opset=opset, exporter=exporter,
-                                              segmentation=segmentation, simplify=simplify)
+                                              segmentation=segmentation, simplify=simplify, sampling=sampling,
+                                              mask_queries=mask_queries)
         meta = {"key": key, "checkpoint": str(ckpt), "checkpoint_content": content, **emeta,
                 "class_names": list(rf.class_names), "verified": bool(verify),
                 "num_select": int(getattr(rf.model.postprocess, "num_select", 200))}
         if verify:
-            report = verify_onnx(rf, staged, images)
+            # the reference: the default PyTorch module (grid_sample), or the top-N one when the outputs are top-N
+            ref = export_module(rf, res, mask_queries=mask_queries) if mask_queries is not None else rf
+            report = verify_onnx(ref, staged, images)
             report.onnx_path = str(path)
             meta["parity"] = report.summary()
             meta["node_histogram"] = report.node_histogram
@@ -350,10 +368,14 @@ def cli_export_onnx(args) -> int:
     ckpt = resolve_checkpoint(args.checkpoint, out)
     rf = load_model(ckpt, trusted=getattr(args, "trusted", False), output_dir=out)
     path, meta = ensure_onnx(ckpt, out, resolution=args.resolution, opset=args.opset, exporter=args.exporter,
-                             simplify=args.simplify, rf=rf)  # a failing gate raises ParityError: one line, exit 2
+                             simplify=args.simplify, rf=rf, sampling=getattr(args, "sampling", None),
+                             mask_queries=getattr(args, "mask_queries", None))  # failing gate: ParityError, exit 2
     print(path)
     print(f"  {meta['bytes'] / 1e6:.1f} MB, {meta['exporter']} exporter, opset {meta['opset']}, "
-          f"resolution {meta['resolution']}" + (" (cached)" if meta.get("cached") else
+          f"resolution {meta['resolution']}"
+          + (f", sampling {meta['sampling']}" if meta.get("sampling") else "")
+          + (f", masks for the top {meta['mask_queries']} queries" if meta.get("mask_queries") else "")
+          + (" (cached)" if meta.get("cached") else
                                                 f", exported in {meta.get('export_seconds')} s"))
     print(format_onnx_parity(meta["parity"]))
     return 0

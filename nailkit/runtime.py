@@ -242,17 +242,21 @@ class TorchRunner(Runner):
     """The PyTorch model: eager export-mode module, or rfdetr's traced ``inference(compile=True)`` form."""
 
     def __init__(self, rf, resolution: Optional[int] = None, *, traced: bool = False,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, sampling: Optional[str] = None,
+                 mask_queries: Optional[int] = None) -> None:
+        """``sampling`` / ``mask_queries``: ``nailkit.model.export_module``'s options (the traced form then traces
+        that module instead of rfdetr's own); with ``mask_queries=N`` the outputs hold the N best queries' rows."""
         import torch
 
-        from nailkit.model import export_module, validate_resolution
+        from nailkit.model import export_module, export_options, export_suffix, validate_resolution
 
         self.rf = rf
         self.resolution = validate_resolution(rf, resolution)
         self.threads = threads
         self.traced = bool(traced)
         self.backend = "torch-traced" if traced else "torch"
-        self.name = self.backend
+        self.options = export_options(sampling, mask_queries)
+        self.name = self.backend + export_suffix(sampling, mask_queries).replace("_", " ")
         self.input_layout = "NCHW"
         ckpt = getattr(rf, "nailkit_checkpoint", None)
         self.path = Path(ckpt) if ckpt else None
@@ -260,10 +264,10 @@ class TorchRunner(Runner):
         self.num_select = int(getattr(rf.model.postprocess, "num_select", DEFAULT_NUM_SELECT))
         with self._threads():
             if not traced:
-                self.module = export_module(rf, self.resolution)
+                self.module = export_module(rf, self.resolution, **self.options)
                 self.how = "nailkit.model.export_module (rfdetr prepare_export_graph, eager)"
-            elif self.resolution == int(rf.model.resolution) and not getattr(rf, "_is_optimized_for_inference",
-                                                                             False):
+            elif (not self.options and self.resolution == int(rf.model.resolution)
+                  and not getattr(rf, "_is_optimized_for_inference", False)):
                 # rfdetr's own path: deepcopy → eval → export() → torch.jit.trace at the model resolution.
                 import warnings
 
@@ -278,7 +282,7 @@ class TorchRunner(Runner):
 
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    eager = export_module(rf, self.resolution)
+                    eager = export_module(rf, self.resolution, **self.options)
                     self.module = torch.jit.trace(eager, torch.zeros(1, 3, self.resolution, self.resolution),
                                                   check_trace=False)
                 self.how = "torch.jit.trace of nailkit.model.export_module"
@@ -317,6 +321,7 @@ class TorchRunner(Runner):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d["how"] = self.how
+        d.update(self.options)
         return d
 
 

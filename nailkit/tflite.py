@@ -36,7 +36,7 @@ import numpy as np
 from nailkit import artifacts, gates, subproc
 from nailkit.artifacts import atomic_write, file_sha256
 from nailkit.io_contract import TFLiteModel, check_tflite_file
-from nailkit.model import DEFAULT_OUTPUT_DIR, OUTPUT_NAMES
+from nailkit.model import DEFAULT_OUTPUT_DIR, OUTPUT_NAMES, export_options, export_suffix, normalize_sampling
 
 ROUTES = ("onnx2tf", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -150,8 +150,14 @@ def _quantize_saved_model(tf: Any, saved_model: Path, precs: list[str], work_p: 
     return files, times
 
 
-def _worker_route_b(checkpoint: str, resolution: str, work: str) -> None:
-    """fp32 through litert_torch; fp16/int8 are made from it by ``_worker_quantize_litert``."""
+def _worker_route_b(checkpoint: str, resolution: str, *rest: str) -> None:
+    """fp32 through litert_torch; fp16/int8 are made from it by ``_worker_quantize_litert``.
+
+    ``rest``: ``[sampling, mask_queries,] work`` — ``export_module``'s options (``mask_queries`` "all" or N; both
+    optional, the default graph without them), the work folder last."""
+    *opts, work = rest
+    sampling = opts[0] if opts else "grid"
+    mask_queries = opts[1] if len(opts) > 1 and opts[1] not in ("", "all") else ""
     import torch
 
     from nailkit._imports import load_triton_first
@@ -165,7 +171,8 @@ def _worker_route_b(checkpoint: str, resolution: str, work: str) -> None:
     work_p = Path(work)
     t0 = time.time()
     rf = load_model(checkpoint, trusted=False)
-    module = selection_module(export_module(rf, int(resolution)))
+    module = selection_module(export_module(rf, int(resolution), sampling=sampling,
+                                            mask_queries=int(mask_queries) if mask_queries else None))
     res = module.resolution
 
     class NHWC(torch.nn.Module):
@@ -178,7 +185,8 @@ def _worker_route_b(checkpoint: str, resolution: str, work: str) -> None:
 
     wrapped = NHWC(module).eval()
     x = torch.zeros(1, res, res, 3)
-    print(f"litert_torch.convert at {res} (torch.export → LiteRT) ...", flush=True)
+    print(f"litert_torch.convert at {res}, sampling {sampling}, mask queries {mask_queries or 'all'} "
+          f"(torch.export → LiteRT) ...", flush=True)
     with torch.no_grad():
         edge = litert_torch.convert(wrapped, (x,))
     fp32 = work_p / "fp32.tflite"
@@ -308,7 +316,8 @@ def _resolution_of(ckpt: Path, resolution: int | None) -> int:
 
 def ensure_selection_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                           resolution: int | None = None, passes: tuple[str, ...] = ROUTE_A_PASSES,
-                          rf: Any = None) -> artifacts.Artifact:
+                          rf: Any = None, sampling: str | None = None, mask_queries: int | None = None
+                          ) -> artifacts.Artifact:
     """The ONNX route A converts: the verified export (``onnx_export.ensure_onnx``: its gate failing raises
     ``ParityError`` here, there is no unverified fallback) → ``passes`` → selection outputs exposed. Cached."""
     import onnx
@@ -320,14 +329,15 @@ def ensure_selection_onnx(checkpoint: str | os.PathLike[str] | None, output_dir:
     out_dir = Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR
     ckpt = resolve_checkpoint(checkpoint, out_dir)
     res = _resolution_of(ckpt, resolution)
+    opts = export_options(sampling, mask_queries)
     h, key = artifacts.artifact_key("onnx_for_tflite", artifacts.checkpoint_content(ckpt),
-                                    {"resolution": res, "passes": list(passes), "opset": 17}, ONNX_PACKAGES)
-    path = out_dir / "tflite" / "onnx" / f"model_{res}_{h}.onnx"
+                                    {"resolution": res, "passes": list(passes), "opset": 17, **opts}, ONNX_PACKAGES)
+    path = out_dir / "tflite" / "onnx" / f"model_{res}{export_suffix(sampling, mask_queries)}_{h}.onnx"
     meta = artifacts.cached(path, key)
     if meta:
         return artifacts.Artifact(path, meta)
     t0 = time.time()
-    base, _ = ensure_onnx(ckpt, out_dir, resolution=res, rf=rf)
+    base, _ = ensure_onnx(ckpt, out_dir, resolution=res, rf=rf, sampling=sampling, mask_queries=mask_queries)
     model = onnx_passes.expose_selection(onnx_passes.apply_passes(onnx.load(str(base)), passes))
     with artifacts.staging(path) as work:
         staged = work / path.name
@@ -346,15 +356,15 @@ def _calibration_npy(path: Path, resolution: int, n: int = 6) -> Path:
     return path
 
 
-def _artifact_dir(out_dir: Path, route: str, res: int, h: str) -> Path:
-    return out_dir / "tflite" / f"{route}_{res}_{h}"
+def _artifact_dir(out_dir: Path, route: str, res: int, h: str, suffix: str = "") -> Path:
+    return out_dir / "tflite" / f"{route}_{res}{suffix}_{h}"
 
 
 class _Gate:
     """The parity gate of a freshly converted file, run before it is published (PyTorch references made once)."""
 
-    def __init__(self, ckpt: Path, res: int) -> None:
-        self.ckpt, self.res = ckpt, res
+    def __init__(self, ckpt: Path, res: int, mask_queries: int | None = None) -> None:
+        self.ckpt, self.res, self.mask_queries = ckpt, res, mask_queries
         self.module = None
         self.refs: list[dict[str, Any]] = []
         self.controls: dict[str, list[dict[str, Any]]] = {}
@@ -369,7 +379,8 @@ class _Gate:
 
         images = sample_images()
         if self.module is None:
-            self.module = export_module(load_model(self.ckpt), self.res)
+            # the reference is rfdetr's own sampling (grid_sample) even for a tent file: the gate checks the swap too
+            self.module = export_module(load_model(self.ckpt), self.res, mask_queries=self.mask_queries)
             self.refs = reference_outputs(self.module, images, self.res)
         control = "int8" if precision == "full_int8" else precision
         if control != "fp32" and control not in self.controls:
@@ -383,7 +394,8 @@ class _Gate:
 def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                   route: str = "onnx2tf", precision: str = "fp32", resolution: int | None = None, *,
                   also: tuple[str, ...] = (), force: bool = False, passes: tuple[str, ...] | None = None,
-                  verify: bool = True) -> artifacts.Artifact:
+                  verify: bool = True, sampling: str | None = None, mask_queries: int | None = None
+                  ) -> artifacts.Artifact:
     """The ``.tflite`` of ``checkpoint`` for ``route``/``precision`` (an ``Artifact``: ``path, meta = ...``),
     converting only when the cache misses, and publishing a file only after its parity gate passed.
 
@@ -396,6 +408,17 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
     full_int8 asked for later are made from it without a second onnx2tf run. Route B converts fp32 with litert-torch;
     fp16/int8 are quantized from the cached fp32 file (``made_from`` in the meta). ``passes`` (route A) overrides
     ``ROUTE_A_PASSES`` — e.g. ``()`` to show what a pass is needed for.
+
+    ``sampling`` ("grid" default | "tent": gather-free deformable sampling, ``nailkit.sampling``) and ``mask_queries``
+    (None = masks for all queries | N: in-graph top-N before the mask head) are ``nailkit.model.export_module``'s
+    options, for both routes; they enter the key (and the folder name) only when not the default, so a tent or top-N
+    file is never served for a default request. The fp32 gate of a tent file compares it with the default
+    (grid_sample) PyTorch module; a top-N file is compared with the top-N PyTorch module. Tolerances unchanged.
+
+    A precision that fails its gate leaves a refusal record (``<file>.refused.json``: key + failures,
+    ``nailkit.artifacts.record_refusal``); a later request for the same key raises ``ConversionError`` from that
+    record at once, without converting again (route A's fp16 of the trained model: ~20 min of onnx2tf each time),
+    unless ``force=True``.
     """
     from nailkit.model import resolve_checkpoint
 
@@ -410,18 +433,22 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: checkpoint not found (expected an rfdetr .pth)")
     res = _resolution_of(ckpt, resolution)
+    sampling = normalize_sampling(sampling)
+    opts = export_options(sampling, mask_queries)
+    mask_queries = opts.get("mask_queries")
     params: dict[str, Any] = {"route": route, "resolution": res, "selection_outputs": True, "input": "NHWC",
-                              "verified": bool(verify)}
+                              "verified": bool(verify), **opts}
     if route == "onnx2tf":
         passes = tuple(ROUTE_A_PASSES if passes is None else passes)
         params.update(passes=list(passes), onnx2tf_kwargs=ONNX2TF_KWARGS)
     h, key = artifacts.artifact_key("tflite", artifacts.checkpoint_content(ckpt), params, ROUTE_PACKAGES[route])
-    adir = _artifact_dir(out_dir, route, res, h)
+    adir = _artifact_dir(out_dir, route, res, h, export_suffix(sampling, mask_queries))
     path = adir / f"model_{precision}.tflite"
     if not force:
         meta = artifacts.cached(path, key)
         if meta:
             return artifacts.Artifact(path, meta)
+        _raise_if_refused(path, key, route, precision)
     wanted = [precision, *[a for a in also if a != precision]]
     if route == "onnx2tf":
         wanted = list(dict.fromkeys(["fp32", "fp16", *wanted]))
@@ -430,15 +457,18 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
     with artifacts.staging(path) as wp:
         extra: dict[str, Any] = {}
         if route == "onnx2tf":
-            onnx_path, _ = ensure_selection_onnx(ckpt, out_dir, res, passes=passes)
+            onnx_path, _ = ensure_selection_onnx(ckpt, out_dir, res, passes=passes, sampling=sampling,
+                                                 mask_queries=mask_queries)
             extra["onnx"] = str(onnx_path)
             if "full_int8" in wanted:
                 _calibration_npy(wp / "calib.npy", res)
             kept = adir / "saved_model"
             have = {p for p in ("fp32", "fp16") if artifacts.cached(adir / f"model_{p}.tflite", key)}
-            if kept.is_dir() and have == {"fp32", "fp16"}:
+            # a precision whose refusal is recorded is done too: onnx2tf would only make the same failing file again
+            done = have | {p for p in ("fp32", "fp16") if artifacts.refusal(adir / f"model_{p}.tflite", key)}
+            if kept.is_dir() and done == {"fp32", "fp16"}:
                 # fp32/fp16 are cached: make int8 / full_int8 from the kept SavedModel, no second onnx2tf run.
-                wanted = [p for p in wanted if p not in have]
+                wanted = [p for p in wanted if p not in done]
                 extra["made_from"] = str(kept)
                 result = run_worker(["quantize-saved-model", str(kept), str(wp), ",".join(wanted)], log_path,
                                     f"TFLiteConverter {'+'.join(wanted)}")
@@ -459,15 +489,16 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
         else:
             quant = [p for p in wanted if p != "fp32"]
             if quant:  # quantize the cached fp32 file; convert it first when missing
-                fp32_path, fp32_meta = ensure_tflite(ckpt, out_dir, route, "fp32", res, verify=verify)
+                fp32_path, fp32_meta = ensure_tflite(ckpt, out_dir, route, "fp32", res, verify=verify,
+                                                     sampling=sampling, mask_queries=mask_queries)
                 extra["fp32_conversion_wall_s"] = fp32_meta["conversion_wall_s"]
                 extra["made_from"] = str(fp32_path)
                 result = run_worker(["quantize-litert", str(fp32_path), str(wp), ",".join(quant)], log_path,
                                     f"ai-edge-quantizer {'+'.join(quant)}")
             else:
-                result = run_worker(["route-b", str(ckpt), str(res), str(wp)], log_path,
-                                    f"litert-torch {res} fp32")
-        gate = _Gate(ckpt, res) if verify else None
+                result = run_worker(["route-b", str(ckpt), str(res), sampling, str(mask_queries or "all"), str(wp)],
+                                    log_path, f"litert-torch {res} fp32{export_suffix(sampling, mask_queries)}")
+        gate = _Gate(ckpt, res, mask_queries) if verify else None
         metas: dict[str, dict[str, Any]] = {}
         refused: dict[str, list[str]] = {}
         for prec, f in result["files"].items():
@@ -480,11 +511,15 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
                     "times": result.get("times", {}),
                     "versions": {k: result[k] for k in ("onnx2tf", "tensorflow", "litert_torch", "torch",
                                                        "ai_edge_quantizer") if k in result},
-                    "converted_together": sorted(result["files"]), **extra}
+                    "converted_together": sorted(result["files"]), "sampling": sampling,
+                    "mask_queries": mask_queries, **extra}
             if gate is not None:
                 meta["parity"], fails = gate(Path(f), prec)
                 if fails:
                     refused[prec] = fails
+                    artifacts.record_refusal(adir / f"model_{prec}.tflite", key, fails, route=route, precision=prec,
+                                             parity=meta["parity"], log=str(log_path),
+                                             conversion_wall_s=result["wall_s"])
                     continue
             metas[prec] = artifacts.publish(f, adir / f"model_{prec}.tflite", meta).meta
     if precision in refused:
@@ -494,6 +529,17 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
         raise ConversionError(f"route {route}: the conversion wrote no {precision} file (got {sorted(metas)}); "
                               f"see {log_path}")
     return artifacts.Artifact(path, metas[precision])
+
+
+def _raise_if_refused(path: Path, key: dict[str, Any], route: str, precision: str) -> None:
+    """Raise ``ConversionError`` from a recorded refusal of ``path`` for this ``key`` (no conversion is run)."""
+    rec = artifacts.refusal(path, key)
+    if rec:
+        raise ConversionError(
+            f"{path}: route {route} {precision} FAILED its parity gate on {rec.get('recorded')} for these very weights, "
+            f"parameters and versions, and was not published: " + "; ".join(rec.get("failures", []))
+            + f" (recorded in {artifacts.refusal_path(path).name}; not converted again — force=True / --force "
+              f"re-converts; log: {rec.get('log')})")
 
 
 def convert_onnx_file(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -623,10 +669,17 @@ def cli_convert(args) -> int:
     for p in precisions:
         if p not in PRECISIONS + (EXTRA_PRECISIONS if args.route == "onnx2tf" else ()):
             raise ValueError(f"--precision {p}: expected a comma list of {PRECISIONS}")
+    redone: set[str] = set()  # --force converts each file once, not once per precision of a joint conversion
     for prec in precisions:
-        path, meta = ensure_tflite(ckpt, out_dir, args.route, prec, args.resolution, also=tuple(precisions))
+        path, meta = ensure_tflite(ckpt, out_dir, args.route, prec, args.resolution, also=tuple(precisions),
+                                   sampling=getattr(args, "sampling", None),
+                                   mask_queries=getattr(args, "mask_queries", None),
+                                   force=bool(getattr(args, "force", False)) and prec not in redone)
+        redone |= set(meta.get("converted_together", [prec]))
         a = meta["parity"]
-        line = (f"{args.route} {prec}: {path} ({meta['bytes'] / 1e6:.1f} MB, converted in "
+        tag = export_suffix(meta.get("sampling"), meta.get("mask_queries")).replace("_", " ").strip()
+        line = (f"{args.route} {prec}{' (' + tag + ')' if tag else ''}: {path} ({meta['bytes'] / 1e6:.1f} MB, "
+                f"converted in "
                 f"{meta['conversion_wall_s']:.0f} s, peak RSS {meta['conversion_peak_rss_mb']:.0f} MB) "
                 f"pre-TopK {a['pre_topk_max_abs']:.1e}, forced {a['forced_max_abs']:.1e}")
         if "control_ratio_max" in a:

@@ -95,3 +95,45 @@ def test_cli_export_onnx_bad_resolution_exits_2(demo_ckpt, tmp_path, capsys):
     assert rc == 2
     assert "24" in capsys.readouterr().err
     assert not (tmp_path / "onnx").exists() or not list((tmp_path / "onnx").glob("*.onnx"))
+
+
+@pytest.fixture(scope="session")
+def tent_top20(demo_ckpt, demo_model, outputs_dir):
+    return onnx_export.ensure_onnx(demo_ckpt, outputs_dir, rf=demo_model, sampling="tent", mask_queries=20)
+
+
+@pytest.mark.slow
+def test_tent_top20_onnx_passes_the_same_gate_and_predicts_like_the_full_model(verified_432, tent_top20, demo_ckpt,
+                                                                              demo_model, outputs_dir, capsys):
+    """One export exercises both options: the gate (unchanged tolerances; the reference is the grid_sample module
+    restricted to the same 20 rows), its own cache entry, and — through the runtime — the same first 20 detections as
+    the full-model ONNX."""
+    import numpy as np
+
+    from nailkit.cli import main
+    from nailkit.runtime import OnnxRunner
+
+    path, meta = tent_top20
+    assert path != verified_432.path and "_tent_mq20" in path.name
+    assert meta["key"]["params"]["sampling"] == "tent" and meta["key"]["params"]["mask_queries"] == 20
+    p = meta["parity"]
+    assert p["passed"] and p["output_shapes"] == {"pred_boxes": [1, 20, 4], "pred_logits": [1, 20, 3],
+                                                  "pred_masks": [1, 20, 108, 108]}
+    assert all(v <= gates.GATES["onnx"]["max_abs"] for v in p["max_abs"].values())
+    full, top = OnnxRunner(verified_432.path), OnnxRunner(path)
+    assert top.class_names == full.class_names
+    for img in sample_images("photos")[:2]:
+        a = full.predict(img, threshold=0.0, num_select=20)
+        b = top.predict(img, threshold=0.0, num_select=20)
+        assert len(a) == len(b) == 20
+        assert np.array_equal(a.class_id, b.class_id)
+        assert np.abs(a.confidence - b.confidence).max() <= gates.DETECTIONS["max_score_diff"]
+        assert np.abs(a.xyxy - b.xyxy).max() <= gates.DETECTIONS["max_box_l1_px"]
+        inter = np.logical_and(a.mask, b.mask).sum((1, 2))
+        union = np.logical_or(a.mask, b.mask).sum((1, 2))
+        assert np.all(inter >= gates.DETECTIONS["min_mask_iou"] * union)
+    # the CLI names the options and reuses the cached file
+    assert main(["export-onnx", str(demo_ckpt), "--out", str(outputs_dir), "--sampling", "tent",
+                 "--mask-queries", "20"]) == 0
+    out = capsys.readouterr().out
+    assert str(path) in out and "sampling tent" in out and "top 20" in out and "(cached)" in out

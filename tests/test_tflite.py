@@ -113,6 +113,60 @@ def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path,
     assert not list((tmp_path / "tflite").rglob(".*.work"))  # staging removed
 
 
+def test_sampling_and_mask_queries_have_their_own_cache_entries(tmp_path: Path, demo_ckpt, monkeypatch):
+    """A tent or top-N file is never served for a default request (nor the other way round); "grid" is the default."""
+    calls: list = []
+    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    default, dmeta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
+    tent, tmeta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False, sampling="tent")
+    mq, mmeta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False, mask_queries=20)
+    both, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False, sampling="tent",
+                                   mask_queries=20)
+    assert len(calls) == 4 and len({default, tent, mq, both}) == 4
+    assert "params" in dmeta["key"] and "sampling" not in dmeta["key"]["params"]  # the default key is unchanged
+    assert tmeta["key"]["params"]["sampling"] == "tent" and tmeta["sampling"] == "tent"
+    assert mmeta["key"]["params"]["mask_queries"] == 20 and mmeta["mask_queries"] == 20
+    assert "_tent_" in tent.parent.name and "_mq20_" in mq.parent.name
+    # the worker is told the options, the work folder stays its last argument
+    assert calls[0][3:5] == ["grid", "all"] and calls[1][3:5] == ["tent", "all"] and calls[2][3:5] == ["grid", "20"]
+    again, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False, sampling="grid")
+    assert again == default and len(calls) == 4  # "grid" is the default: cache hit
+    with pytest.raises(ValueError, match="sampling"):
+        tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, sampling="nearest")
+
+
+def test_a_refused_precision_is_remembered_not_reconverted(tmp_path: Path, demo_ckpt, monkeypatch):
+    """A gate failure leaves a refusal record keyed like the file: the next request raises at once (no worker), force
+    converts again, and a file that then passes supersedes the record."""
+    calls: list = []
+    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    gated = []
+
+    def failing_gate(self, p, precision):
+        gated.append(p)
+        return {"control_ratio_max": 2.1}, ["converter error 2.10x the rounding control's (> 1.5x)"]
+
+    monkeypatch.setattr(tflite._Gate, "__call__", failing_gate)
+    with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
+        tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
+    assert len(calls) == 1 and len(gated) == 1
+    records = list((tmp_path / "tflite").rglob("model_fp32.tflite.refused.json"))
+    assert len(records) == 1 and not list((tmp_path / "tflite").rglob("*.tflite"))
+    with pytest.raises(tflite.ConversionError, match="2.10x.*not converted again"):
+        tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
+    assert len(calls) == 1 and len(gated) == 1  # raised from the record: no conversion, no gate
+    # another key (here: the tent graph) is not refused by this record
+    with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
+        tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, sampling="tent")
+    assert len(calls) == 2
+    # force: converted and gated again; this time it passes, is published, and the record is gone
+    monkeypatch.setattr(tflite._Gate, "__call__", lambda self, p, precision: ({"images": 6}, []))
+    path, meta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, force=True)
+    assert len(calls) == 3 and path.is_file() and meta["parity"] == {"images": 6}
+    assert not records[0].exists()
+    assert tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432).path == path and len(calls) == 3
+
+
 def test_bad_route_and_precision_are_refused(demo_ckpt, tmp_path):
     with pytest.raises(ValueError, match="unknown route"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "coreml", "fp32", 432)
