@@ -355,16 +355,24 @@ def cached_model(checkpoint: str):
     return _MODEL_CACHE[key]
 
 
-def torch_export_module(checkpoint: str, resolution: int, segmentation: bool = True):
+def spec_options(spec: "BackendSpec") -> dict[str, Any]:
+    """The export options a backend was made with (``nailkit.model.export_options``: only non-default ones)."""
+    from nailkit.model import export_options
+
+    return export_options(spec.meta.get("sampling"), spec.meta.get("mask_queries"))
+
+
+def torch_export_module(checkpoint: str, resolution: int, segmentation: bool = True, **options: Any):
     """Export-mode module at ``resolution``; ``segmentation=False`` is the detection-only module (head removed,
-    ``nailkit.alternatives.detection_only_module``). Cached in this process."""
+    ``nailkit.alternatives.detection_only_module``); ``options``: ``export_module``'s sampling / mask_queries.
+    Cached in this process."""
     from nailkit.alternatives import detection_only_module
     from nailkit.model import export_module
 
-    key = ("module", str(checkpoint), int(resolution), bool(segmentation))
+    key = ("module", str(checkpoint), int(resolution), bool(segmentation), tuple(sorted(options.items())))
     if key not in _MODEL_CACHE:
         rf = cached_model(checkpoint)
-        _MODEL_CACHE[key] = (export_module(rf, resolution) if segmentation
+        _MODEL_CACHE[key] = (export_module(rf, resolution, **options) if segmentation
                              else detection_only_module(rf, resolution))
     return _MODEL_CACHE[key]
 
@@ -407,6 +415,11 @@ def open_backend(spec: BackendSpec, threads: Optional[int] = None):
             if spec.kind != "torch":
                 raise ValueError(f"{spec.name}: detection-only is supported for kind 'torch' only")
             return _TorchCallable(torch_export_module(spec.path, spec.resolution, False), threads)
+        if spec_options(spec):
+            from nailkit.runtime import TorchRunner
+
+            return TorchRunner(cached_model(spec.path), spec.resolution, traced=(spec.kind == "torch-traced"),
+                               threads=threads, **spec_options(spec))
         return make_runner(cached_model(spec.path), backend=spec.kind, threads=threads, resolution=spec.resolution)
     if spec.kind == "torchscript":
         if not Path(spec.path).is_file():
@@ -525,6 +538,9 @@ class BenchResult:
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> measure_in_fresh_process()
     drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> accuracy drift vs PyTorch fp32 @ ref R
     extra: dict[str, Any] = field(default_factory=dict)
+    #: threads -> {"fp32"|"dynamic_int8"|"int8": GFLOP/s}: XNNPACK GEMM ceilings (``nailkit.hardware``), best of
+    #: many runs; at t > 1 threads never below the 1-thread ceiling (a probe that measured less under-measured)
+    ceilings: dict[int, dict[str, float]] = field(default_factory=dict)
     reference_ort: str = "onnxruntime fp32"
     reference_torch: str = "pytorch eager"
 
@@ -538,7 +554,7 @@ class BenchResult:
         rows = []
         for name, st in lat.items():
             spec = self.specs[name]
-            fl = self.flops.get(_flop_key(spec.resolution, spec.segmentation))
+            fl = self.flops.get(_spec_flop_key(spec))
             mem = self.memory.get(name, {})
             d = self.drift.get(name, {})
             rows.append({
@@ -551,6 +567,12 @@ class BenchResult:
                 "gflops": fl["gflops"] if fl else None,
                 "gemm_fraction": (achieved_fraction(fl["gflops"] * 1e9, st["median_ms"], peak)
                                   if fl and peak else None),
+                "sampling": spec.meta.get("sampling") or "grid", "mask_queries": spec.meta.get("mask_queries"),
+                "ceiling": ceiling_precision(spec),
+                "ceiling_fraction": (achieved_fraction(fl["gflops"] * 1e9, st["median_ms"],
+                                                       self.ceilings[threads][ceiling_precision(spec)])
+                                     if fl and self.ceilings.get(threads, {}).get(ceiling_precision(spec))
+                                     else None),
                 "matched_top10": d.get("matched_top10"), "min_mask_iou": d.get("min_mask_iou"),
                 "max_logit_abs": d.get("max_logit_abs")})
         return rows
@@ -560,6 +582,7 @@ class BenchResult:
                 "latency": {str(t): v for t, v in self.latency.items()},
                 "gemm": {str(t): v for t, v in self.gemm.items()},
                 "flops": {str(k): v for k, v in self.flops.items()}, "memory": self.memory, "drift": self.drift,
+                "ceilings": {str(t): v for t, v in self.ceilings.items()},
                 "rows": {str(t): self.rows(t) for t in self.latency},
                 "sweep": {str(t): sweep_rows(self, t) for t in self.latency}, "extra": self.extra,
                 "reference_ort": self.reference_ort, "reference_torch": self.reference_torch}
@@ -600,15 +623,25 @@ SWEEP_COLUMNS = (("backend", "backend", "s"), ("resolution", "R", "d"), ("speedu
                  ("max_score_diff", "max score Δ", ".2g"))
 
 
-def _flop_key(resolution: int, segmentation: bool) -> int:
-    return int(resolution) if segmentation else -int(resolution)
+def _flop_key(resolution: int, segmentation: bool, options: Optional[Mapping[str, Any]] = None) -> int | str:
+    """resolution (negative: detection-only); with export options a string, e.g. ``"432_tent"``, ``"432_mq20"``."""
+    from nailkit.model import export_suffix
+
+    base = int(resolution) if segmentation else -int(resolution)
+    tag = export_suffix(**(options or {}))
+    return f"{base}{tag}" if tag else base
+
+
+def _spec_flop_key(spec: "BackendSpec") -> int | str:
+    return _flop_key(spec.resolution, spec.segmentation, spec_options(spec))
 
 
 HEADLINE_COLUMNS = (
     ("backend", "backend", "s"), ("resolution", "R", "d"), ("x_ort_fp32", "× ORT fp32", ".2f"),
     ("x_pytorch_eager", "× PyTorch eager", ".2f"), ("median_ms", "median ms", ".1f"), ("p90_ms", "p90 ms", ".1f"),
     ("size_mb", "size MB", ".1f"), ("load_s", "load s", ".2f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
-    ("gflops", "GFLOP", ".1f"), ("gemm_fraction", "of GEMM peak", ".0%"),
+    ("gflops", "GFLOP", ".1f"), ("gemm_fraction", "of torch GEMM (median)", ".0%"),
+    ("ceiling", "ceiling", "s"), ("ceiling_fraction", "of its ceiling", ".0%"),
     ("matched_top10", "top-10 matched", "s"), ("min_mask_iou", "min mask IoU", ".3f"),
     ("max_logit_abs", "max |Δlogit|", ".1e"))
 
@@ -623,16 +656,24 @@ def markdown_report(res: BenchResult) -> str:
         lines += [f"Note: {m['note']}", ""]
     for t in sorted(res.latency):
         g = res.gemm.get(t, {})
-        lines += [f"## {t} thread{'s' if t != 1 else ''} (GEMM ceiling {g.get('median_gflops', float('nan')):.1f} "
-                  f"GFLOP/s{', oversubscribed: more threads than cores' if t > (m.get('cpu_count') or t) else ''})",
+        c = res.ceilings.get(t, {})
+        ceil = ", ".join(f"{k} {v:.1f}" for k, v in c.items())
+        lines += [f"## {t} thread{'s' if t != 1 else ''} (torch fp32 GEMM {g.get('median_gflops', float('nan')):.1f} "
+                  f"GFLOP/s median, interleaved; XNNPACK ceilings: {ceil or 'not measured'} GFLOP/s"
+                  f"{', oversubscribed: more threads than cores' if t > (m.get('cpu_count') or t) else ''})",
                   "", table(res.rows(t), HEADLINE_COLUMNS), ""]
     if sweep_rows(res):
         lines += ["## Resolution sweep (drift vs PyTorch fp32 at the base resolution, detections on the original "
                   "image)", "", table(sweep_rows(res), SWEEP_COLUMNS), ""]
     if res.flops:
         lines += ["## FLOPs (counted: matmul/conv/attention; other ops listed as uncounted)", ""]
-        for k, v in sorted(res.flops.items(), key=lambda kv: (kv[0] < 0, abs(kv[0]))):
-            label = f"{abs(k)}" + (" detection-only" if k < 0 else "")
+        def _order(kv):
+            k = str(kv[0])
+            return (k.startswith("-"), k)
+
+        for k, v in sorted(res.flops.items(), key=_order):
+            ks = str(k)
+            label = ks.lstrip("-").replace("_", " ") + (" detection-only" if ks.startswith("-") else "")
             unc = ", ".join(list(v.get("uncounted_ops", {}))[:8])
             lines.append(f"- {label}: {v['gflops']:.1f} GFLOP ({v['gmacs']:.1f} GMAC); not counted: {unc}")
         lines.append("")
@@ -680,7 +721,7 @@ def RawNoMask(raw):  # noqa: N802 - a tiny adapter
 def run_benchmark(specs: Sequence[BackendSpec], images: Sequence[Any], *, threads: Sequence[int] = (1, 2, 4),
                   runs: int = 10, warmup: int = 2, reference_resolution: Optional[int] = None,
                   measure_memory: bool | Sequence[str] = True, reference_ort: str = "onnxruntime fp32",
-                  reference_torch: str = "pytorch eager",
+                  reference_torch: str = "pytorch eager", ceilings: bool = True,
                   log: Callable[[str], None] = print) -> BenchResult:
     """Benchmark ``specs`` side by side (see the module docstring for the method).
 
@@ -713,10 +754,10 @@ def run_benchmark(specs: Sequence[BackendSpec], images: Sequence[Any], *, thread
     # --- FLOPs per (resolution, head)
     flops: dict[int, dict[str, Any]] = {}
     for s in specs:
-        key = _flop_key(s.resolution, s.segmentation)
+        key = _spec_flop_key(s)
         if key not in flops:
-            log(f"FLOPs at {s.resolution}{'' if s.segmentation else ' (detection-only)'} ...")
-            mod = torch_export_module(ref_spec.path, s.resolution, s.segmentation)
+            log(f"FLOPs at {s.resolution}{'' if s.segmentation else ' (detection-only)'} {spec_options(s) or ''}...")
+            mod = torch_export_module(ref_spec.path, s.resolution, s.segmentation, **spec_options(s))
             flops[key] = count_flops(mod, s.resolution).summary()
 
     # --- inputs per resolution
@@ -764,8 +805,41 @@ def run_benchmark(specs: Sequence[BackendSpec], images: Sequence[Any], *, thread
         for s in chosen:
             log(f"fresh process (load time, peak RSS): {s.name} ...")
             memory[s.name] = measure_in_fresh_process(s, threads=threads[0], runs=2)
-    return BenchResult(machine=machine, specs=by_name, latency=latency, gemm=gemm, flops=flops, memory=memory,
-                       drift=drift, reference_ort=reference_ort, reference_torch=reference_torch)
+    res = BenchResult(machine=machine, specs=by_name, latency=latency, gemm=gemm, flops=flops, memory=memory,
+                      drift=drift, reference_ort=reference_ort, reference_torch=reference_torch)
+    if ceilings:
+        log("XNNPACK GEMM ceilings (fp32, dynamic int8, int8) ...")
+        res.ceilings, res.extra["gemm_probes"] = measure_ceilings(threads)
+    return res
+
+
+#: a TFLite precision → the XNNPACK kernel family its linears/convs run on (``nailkit.hardware.PRECISIONS``):
+#: fp16 weights are widened to fp32 on x86; dynamic-range int8 = qd8 kernels; static int8 (w8a8) = qs8 kernels;
+#: w8a16 has no int8×int8 kernel, so the int8 ceiling is only an upper bound for it
+CEILING_OF_PRECISION = {"fp32": "fp32", "fp16": "fp32", "int8": "dynamic_int8", "full_int8": "int8",
+                        "w8a8_backbone": "int8", "w8a16_backbone": "int8"}
+
+
+def ceiling_precision(spec: BackendSpec) -> str:
+    """Which GEMM ceiling a backend is held against (PyTorch / ORT / TorchScript run fp32)."""
+    if spec.kind.startswith("tflite"):
+        return CEILING_OF_PRECISION.get(str(spec.meta.get("precision", "fp32")), "fp32")
+    return "fp32"
+
+
+def measure_ceilings(threads: Sequence[int], *, seconds: float = 1.0) -> tuple[dict[int, dict[str, float]],
+                                                                               list[dict[str, Any]]]:
+    """XNNPACK GEMM ceilings per thread count (``nailkit.hardware.gemm_ceilings``: one large FULLY_CONNECTED at
+    fp32 / dynamic int8 / int8, best of many runs). A count above 1 is floored at the 1-thread ceiling: a second
+    thread can only add throughput, so a lower reading is the probe under-measuring (a busy or SMT-sibling core),
+    which is what made "of GEMM peak" exceed 100 % before. Returns ({threads: {precision: GFLOP/s}}, raw probes)."""
+    from nailkit.hardware import gemm_ceilings
+
+    ts = sorted({1, *[int(t) for t in threads]})
+    probes = gemm_ceilings(ts, seconds=seconds)
+    best = {t: {p.precision: p.best_gflops for p in probes if p.threads == t} for t in ts}
+    out = {t: {k: max(v, best[1][k]) for k, v in best[t].items()} for t in ts if t in set(threads)}
+    return out, [p.to_json() for p in probes]
 
 
 def _bound(runner, x: np.ndarray, threads: int) -> Callable[[], Any]:
@@ -827,18 +901,21 @@ def valid_numbers(res: BenchResult) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def find_tflite(output_dir: str | Path, checkpoint_sha256: str, route: str, precision: str, resolution: int
-                ) -> Optional[Path]:
+def find_tflite(output_dir: str | Path, checkpoint_sha256: str, route: str, precision: str, resolution: int, *,
+                sampling: Optional[str] = None, mask_queries: Optional[int] = None) -> Optional[Path]:
     """A .tflite that ``nailkit.tflite.ensure_tflite`` already wrote for this checkpoint/route/precision/resolution
-    (its sidecar says so, and the file's sha256 still equals the sidecar's), newest first; None when there is none.
-    Never converts."""
+    and export options (``sampling`` "grid"/None = default, ``mask_queries`` None = all queries) — its sidecar says
+    so, and the file's sha256 still equals the sidecar's — newest first; None when there is none. Never converts."""
     from nailkit.artifacts import file_sha256, read_sidecar
+    from nailkit.model import normalize_sampling
 
+    want = (normalize_sampling(sampling), None if mask_queries is None else int(mask_queries))
     hits = []
     for f in Path(output_dir, "tflite").glob(f"{route}_{resolution}_*/model_{precision}.tflite"):
         meta = read_sidecar(f) or {}
         if meta.get("checkpoint_sha256") == checkpoint_sha256 and meta.get("route") == route \
                 and int(meta.get("resolution", -1)) == int(resolution) and meta.get("precision") == precision \
+                and (normalize_sampling(meta.get("sampling")), meta.get("mask_queries")) == want \
                 and meta.get("sha256") == file_sha256(f, 64):
             hits.append(f)
     return max(hits, key=lambda p: p.stat().st_mtime) if hits else None
@@ -849,6 +926,8 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
                      precisions: Sequence[str] = ("fp32", "fp16", "int8"),
                      sweep_kinds: Sequence[str] = ("torch", "onnxruntime"),
                      convert_sweep_tflite: bool = False, detection_only: bool = True, torchscript: bool = True,
+                     tent_routes: Sequence[str] = (), mask_queries: Optional[int] = None,
+                     mask_query_kinds: Sequence[str] = ("torch", "onnxruntime"), convert_variants: bool = False,
                      rf=None, log: Callable[[str], None] = print) -> tuple[list[BackendSpec], dict[str, Any]]:
     """Every backend of the benchmark, reusing artifacts earlier notebooks left in ``output_dir``.
 
@@ -857,7 +936,12 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
       that ``ensure_tflite`` already converted (``find_tflite``: never converts here);
     * at each other resolution: ``sweep_kinds`` among torch / onnxruntime / tflite-litert (route B fp32: converted
       only when ``convert_sweep_tflite``, ~2-3 min each on 2 cores) / tflite-onnx2tf (cached only);
-    * detection-only: PyTorch and ORT without the segmentation head.
+    * detection-only: PyTorch and ORT without the segmentation head;
+    * ``tent_routes``: the fp32 TFLite of each route with the gather-free tent sampler (``sampling="tent"``), named
+      ``tflite <route> fp32 tent``; ``mask_queries=N``: masks for the N best queries only, one row per
+      ``mask_query_kinds`` (torch, onnxruntime, tflite-litert, tflite-onnx2tf), named ``... mqN``. TFLite variants are
+      converted (``ensure_tflite``) only when ``convert_variants`` and the route is litert (onnx2tf: cached only);
+      the ONNX variant is exported and verified by ``ensure_onnx`` (cached).
 
     Returns (specs, notes): ``notes['missing']`` lists what was asked for but has no artifact yet.
     """
@@ -934,6 +1018,38 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
                                          meta={"route": route, "precision": "fp32"}))
             else:
                 raise ValueError(f"unknown sweep kind {kind!r}; expected torch, onnxruntime, tflite-litert, "
+                                 f"tflite-onnx2tf")
+    def tflite_variant(route: str, name: str, **opts: Any) -> None:
+        f = find_tflite(out, sha, route, "fp32", base, **opts)
+        if f is None and convert_variants and route == "litert":
+            from nailkit.tflite import ensure_tflite
+
+            log(f"converting route B fp32 {opts} (litert-torch) ...")
+            f, _ = ensure_tflite(ckpt, out, route="litert", precision="fp32", resolution=base, **opts)
+        if f is None:
+            notes["missing"].append(f"{name}: not converted (`python -m nailkit convert --route {route} --precision "
+                                    f"fp32" + "".join(f" --{k.replace('_', '-')} {v}" for k, v in opts.items()) + "`)")
+            return
+        specs.append(BackendSpec(name, "tflite", str(f), base, meta={"route": route, "precision": "fp32", **opts}))
+
+    for route in tent_routes:
+        tflite_variant(route, f"tflite {route} fp32 tent", sampling="tent")
+    if mask_queries is not None:
+        n = int(mask_queries)
+        for kind in mask_query_kinds:
+            if kind == "torch":
+                specs.append(BackendSpec(f"pytorch eager mq{n}", "torch", ckpt, base,
+                                         meta={"route": "torch", "mask_queries": n}))
+            elif kind == "onnxruntime":
+                log(f"ONNX with masks for the top {n} queries (ensure_onnx, verified) ...")
+                path, _ = ensure_onnx(ckpt, out, resolution=base, rf=rf, mask_queries=n)
+                specs.append(BackendSpec(f"onnxruntime fp32 mq{n}", "onnxruntime", str(path), base,
+                                         meta={"route": "ort", "precision": "fp32", "mask_queries": n}))
+            elif kind.startswith("tflite-"):
+                route = kind.split("-", 1)[1]
+                tflite_variant(route, f"tflite {route} fp32 mq{n}", mask_queries=n)
+            else:
+                raise ValueError(f"unknown mask-query kind {kind!r}; expected torch, onnxruntime, tflite-litert, "
                                  f"tflite-onnx2tf")
     if detection_only:
         specs.append(BackendSpec("pytorch eager det-only", "torch", ckpt, base, segmentation=False,

@@ -535,8 +535,10 @@ def find_tflite_artifacts(artifacts_dir: str | os.PathLike[str], checkpoint_sha2
             continue
         precision = _precision_of(path, meta)
         route = str(meta.get("route") or path.parent.name.split("_")[0] or "tflite")
+        options = "".join(f":{t}" for t in (("tent" if meta.get("sampling") == "tent" else ""),
+                                             (f"mq{meta['mask_queries']}" if meta.get("mask_queries") else "")) if t)
         found.append({"path": path, "precision": precision, "route": route, "meta": meta,
-                      "label": f"tflite:{route}:{precision}"})
+                      "label": f"tflite:{route}:{precision}{options}"})
     labels = [f["label"] for f in found]
     for f in found:  # two files with the same route+precision (e.g. two resolutions): make the labels unique
         if labels.count(f["label"]) > 1:

@@ -251,6 +251,39 @@ def test_fresh_process_measures_rss_for_a_torchscript_file(tmp_path):
         bench.measure_in_fresh_process(bad)
 
 
+def test_precision_ceilings_variant_flops_and_their_columns():
+    """Each row is held against the XNNPACK ceiling of its own precision; option variants get their own FLOPs."""
+    res = _fake_result()
+    res.specs["tflite mq20"] = BackendSpec("tflite mq20", "tflite", "d.tflite", 432,
+                                           meta={"precision": "fp32", "mask_queries": 20})
+    res.latency[1]["tflite mq20"] = LatencyStats("m", [200.0]).summary()
+    res.flops["432_mq20"] = {"gflops": 80.0, "gmacs": 40.0, "uncounted_ops": {}}
+    res.ceilings = {1: {"fp32": 200.0, "dynamic_int8": 400.0, "int8": 800.0}}
+    rows = {r["backend"]: r for r in res.rows(1)}
+    assert rows["tflite"]["ceiling"] == "dynamic_int8"  # a dynamic-range int8 file: qd8 kernels
+    assert rows["tflite"]["ceiling_fraction"] == pytest.approx(50e9 / 0.15 / 400e9)
+    assert rows["pytorch eager"]["ceiling"] == "fp32"
+    assert rows["pytorch eager"]["ceiling_fraction"] == pytest.approx(86e9 / 0.6 / 200e9)
+    assert rows["tflite mq20"]["gflops"] == 80.0 and rows["tflite mq20"]["mask_queries"] == 20
+    assert bench._flop_key(432, True, {"sampling": "tent", "mask_queries": 20}) == "432_tent_mq20"
+    assert bench._flop_key(432, False) == -432 and bench._flop_key(432, True, {}) == 432
+    md = res.markdown()
+    assert "dynamic_int8 400.0" in md and "432 mq20: 80.0 GFLOP" in md
+
+
+def test_measure_ceilings_floors_more_threads_at_the_one_thread_ceiling(monkeypatch):
+    from nailkit import hardware
+
+    def fake(threads, seconds=1.0):
+        return [hardware.GemmProbe(p, t, 1, 1, 1, 5, {1: 100.0, 2: 90.0}[t] * (1 + i), 1.0, True)
+                for t in threads for i, p in enumerate(hardware.PRECISIONS)]
+
+    monkeypatch.setattr(hardware, "gemm_ceilings", fake)
+    ceil, probes = bench.measure_ceilings([2])
+    assert list(ceil) == [2] and len(probes) == 6  # the 1-thread probe runs too, as the floor
+    assert ceil[2] == {"fp32": 100.0, "dynamic_int8": 200.0, "int8": 300.0}  # 2-thread probe under-measured
+
+
 def test_find_tflite_matches_sidecar_and_never_converts(tmp_path):
     import json as _json
 
@@ -270,6 +303,15 @@ def test_find_tflite_matches_sidecar_and_never_converts(tmp_path):
     assert bench.find_tflite(tmp_path, "other-checkpoint", "litert", "fp32", 432) is None
     assert bench.find_tflite(tmp_path, "sha1", "litert", "fp16", 432) is None
     assert bench.find_tflite(tmp_path, "sha1", "onnx2tf", "fp32", 432) is None
+    # a tent / top-N file is found only when asked for, never for the default
+    t = tmp_path / "tflite" / "litert_432_tent_def"
+    t.mkdir()
+    (t / "model_fp32.tflite").write_bytes(b"z" * 100)
+    (t / "model_fp32.tflite.json").write_text(_json.dumps(dict(meta, sampling="tent", mask_queries=None,
+                                                                sha256=file_sha256(t / "model_fp32.tflite", 64))))
+    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) == f
+    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432, sampling="tent") == t / "model_fp32.tflite"
+    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432, mask_queries=20) is None
     f.unlink()  # a sidecar without its file is not an artifact
     assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) is None
 
