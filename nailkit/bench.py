@@ -1167,3 +1167,136 @@ if __name__ == "__main__":  # the fresh-process child of measure_in_fresh_proces
         print("usage: python -m nailkit.bench _child SPEC_JSON (internal); use `python -m nailkit bench`",
               file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. issue 11: where the time goes, and the speed targets with the measurement that decides each
+# ----------------------------------------------------------------------------------------------------------------
+
+def time_split(spec: BackendSpec, image: Any, *, threads: int = 1, runs: int = 3, threshold: float = 0.5
+               ) -> dict[str, float]:
+    """Median ms of pre-processing (``nailkit.preprocess``: decode-free resize + normalise), the forward pass and
+    post-processing (``nailkit.postprocess``: top-k, boxes, masks resized to the image and thresholded) for one
+    backend on one image. Pre/post are the same numpy code for every backend; post depends on how many mask rows the
+    model returns (a top-N file returns N)."""
+    from nailkit.postprocess import postprocess
+    from nailkit.preprocess import load_image, preprocess
+
+    arr = load_image(image)
+    runner = open_backend(spec, threads)
+    pre, fwd, post = [], [], []
+    for _ in range(max(1, runs) + 1):  # the first round is a warm-up
+        t0 = time.perf_counter()
+        x, size = preprocess(arr, spec.resolution)
+        t1 = time.perf_counter()
+        raw = runner.run(x)
+        t2 = time.perf_counter()
+        postprocess(raw, size, threshold=threshold)
+        t3 = time.perf_counter()
+        pre.append(t1 - t0)
+        fwd.append(t2 - t1)
+        post.append(t3 - t2)
+    med = {k: 1000.0 * float(np.median(v[1:])) for k, v in (("pre_ms", pre), ("forward_ms", fwd), ("post_ms", post))}
+    med["total_ms"] = sum(med.values())
+    med["forward_share"] = med["forward_ms"] / med["total_ms"]
+    return med
+
+
+def _first(rows: Sequence[Mapping[str, Any]], **match: Any) -> Optional[Mapping[str, Any]]:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def speed_targets(res: BenchResult, coverage: Mapping[str, Mapping[str, Any]], *, threads: int = 1,
+                  cpu: Optional[Mapping[str, Any]] = None) -> list[dict[str, Any]]:
+    """Issue 11's targets, one row each: ``target``, ``measured`` (text), ``met`` (bool, or None when no row of this
+    run can decide it) and ``why`` — the measurement that explains a miss (what stays off XNNPACK, the ceiling ratio,
+    the share of FLOPs a change can remove). Numbers come from this run only (``res`` at ``threads``, ``coverage``:
+    ``tflite.delegation_report`` per backend name)."""
+    rows = res.rows(threads)
+    by = {r["backend"]: r for r in rows}
+    out: list[dict[str, Any]] = []
+    ceil = res.ceilings.get(threads, {})
+
+    # 1. delegation, per fp32 file
+    for name, rep in coverage.items():
+        r = by.get(name)
+        if r is None or r["precision"] != "fp32" or r.get("mask_queries"):
+            continue
+        frac, parts = rep.get("xnnpack_fraction", 0.0), rep.get("xnnpack_partitions")
+        left = ", ".join(f"{k}×{v['count']}" for k, v in list(rep.get("undelegated", {}).items())[:8])
+        out.append({"target": f"≥ 99% of ops on XNNPACK in ≤ 3 partitions ({name})",
+                    "measured": f"{rep.get('xnnpack_nodes')}/{rep.get('xnnpack_total')} = {frac:.1%} in {parts} "
+                                f"partitions",
+                    "met": bool(frac >= 0.99 and parts is not None and parts <= 3),
+                    "why": f"off XNNPACK: {left}" if left else ""})
+
+    # 2./3. int8
+    int8 = [r for r in rows if r["kind"] == "tflite" and r["ceiling"] in ("dynamic_int8", "int8")
+            and r.get("x_ort_fp32") is not None and r["resolution"] == res.specs[res.reference_ort].resolution]
+    best = min(int8, key=lambda r: r["x_ort_fp32"]) if int8 else None
+    dot = list((cpu or {}).get("int8_dot") or [])
+    gain = (ceil.get("dynamic_int8", 0) / ceil["fp32"]) if ceil.get("fp32") else None
+    if best is None:
+        out.append({"target": "best int8 TFLite ≤ 0.45× ORT fp32 (int8-dot CPU), mask mAP within 1 pt",
+                    "measured": "no int8 file in this run", "met": None, "why": ""})
+    else:
+        out.append({"target": "best int8 TFLite ≤ 0.45× ORT fp32 (int8-dot CPU), mask mAP within 1 pt (07)",
+                    "measured": f"{best['backend']}: {best['x_ort_fp32']:.2f}× ORT fp32; CPU int8 dot: "
+                                f"{'+'.join(dot) or 'none'}",
+                    "met": bool(best["x_ort_fp32"] <= 0.45) if dot else None,
+                    "why": (f"the dynamic-int8 GEMM ceiling is {gain:.2f}× the fp32 one on this CPU; only the "
+                            f"linears/convs (GEMM) get it, the rest of the graph stays fp32" if gain else "")})
+        cf = best.get("ceiling_fraction")
+        out.append({"target": "best int8 file ≥ 70% of this CPU's int8 GEMM ceiling",
+                    "measured": (f"{best['backend']}: {cf:.0%} of the {best['ceiling']} ceiling "
+                                 f"({ceil.get(best['ceiling'], float('nan')):.0f} GFLOP/s)") if cf else "no ceiling",
+                    "met": bool(cf >= 0.70) if cf else None,
+                    "why": "dynamic-range int8 quantises activations at run time per op and runs every non-GEMM op "
+                           "(softmax, layer norm, GELU, sampling, mask upsampling) in fp32"})
+
+    # 4. fp32 TFLite vs ORT
+    fp32 = [r for r in rows if r["kind"] == "tflite" and r["precision"] == "fp32" and not r.get("mask_queries")
+            and r.get("x_ort_fp32") is not None and r["resolution"] == res.specs[res.reference_ort].resolution]
+    if fp32:
+        b = min(fp32, key=lambda r: r["x_ort_fp32"])
+        ort = by.get(res.reference_ort, {})
+        out.append({"target": "fp32 TFLite ≤ 0.95× ORT fp32 (fp32 gates unchanged)",
+                    "measured": f"{b['backend']}: {b['x_ort_fp32']:.2f}× ORT fp32 "
+                                f"({b['ceiling_fraction']:.0%} of the fp32 ceiling)" if b.get("ceiling_fraction")
+                    else f"{b['backend']}: {b['x_ort_fp32']:.2f}×",
+                    "met": bool(b["x_ort_fp32"] <= 0.95),
+                    "why": (f"ORT fp32 already runs at {ort['ceiling_fraction']:.0%} of the fp32 GEMM ceiling: "
+                            f"at most {1 / ort['ceiling_fraction']:.2f}× is left for any fp32 backend"
+                            if ort.get("ceiling_fraction") else "")})
+
+    # 5. mask queries
+    for r in rows:
+        n = r.get("mask_queries")
+        if not n:
+            continue
+        full_name = {"torch": res.reference_torch, "onnxruntime": res.reference_ort}.get(r["kind"])
+        if r["kind"] == "tflite":
+            full_name = next((x["backend"] for x in rows if x["kind"] == "tflite" and x["route"] == r["route"]
+                              and x["precision"] == "fp32" and not x.get("mask_queries")
+                              and x.get("sampling", "grid") == r.get("sampling", "grid")
+                              and x["resolution"] == r["resolution"]), None)
+        full = by.get(full_name)
+        if full is None:
+            continue
+        fl_full, fl_n = full.get("gflops"), r.get("gflops")
+        det = res.flops.get(_flop_key(r["resolution"], False), {}).get("gflops")
+        ratio = r["median_ms"] / full["median_ms"]
+        why = ""
+        if fl_full and fl_n:
+            why = f"FLOPs {fl_n:.1f} / {fl_full:.1f} GFLOP = {fl_n / fl_full:.3f}"
+            if det:
+                why += (f"; the whole mask head is {(fl_full - det) / fl_full:.1%} of the full model's FLOPs, "
+                        f"{(fl_n - det) / fl_full:.1%} left at {n} queries")
+        out.append({"target": f"--mask-queries {n} forward ≤ 0.92× the full model ({r['backend']})",
+                    "measured": f"{ratio:.3f}× {full_name} ({r['median_ms']:.0f} vs {full['median_ms']:.0f} ms)",
+                    "met": bool(ratio <= 0.92), "why": why})
+    return out
+
+
+TARGET_COLUMNS = (("target", "target", "s"), ("measured", "measured (this run)", "s"), ("met", "met", "s"),
+                  ("why", "the measurement that says why", "s"))

@@ -27,10 +27,14 @@ QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     # published, and asking for it re-converts and raises. Left out of CI until fixed; run it with the full parameters.
     "04_tflite_conversion": {"precisions_onnx2tf": "fp32,int8", "precisions_litert": "fp32"},
     "05_inference_testing": {"max_images": 2, "bench_runs": 1},
-    # CI: 3 rounds at 1 thread, one extra resolution, TFLite at 336 only if already converted, RSS for 3 backends
+    # CI: 3 rounds at 1 thread, one extra resolution, TFLite at 336 only if already converted, RSS for 3 backends;
+    # issue 11: one extra route-B fp32 conversion (tent, ~2 min), the top-20 row on PyTorch + ORT only (one verified
+    # ONNX export), the time split with 1 round
     "06_benchmark": {"runs": 3, "warmup": 1, "threads": "1", "resolutions": "432,336", "max_images": 3,
                      "sweep_backends": "torch,onnxruntime,tflite-litert", "convert_sweep_tflite": False,
-                     "memory": "pytorch eager,onnxruntime fp32,tflite litert fp32"},
+                     "memory": "pytorch eager,onnxruntime fp32,tflite litert fp32", "tent_routes": "litert",
+                     "mask_queries": 20, "mask_query_backends": "torch,onnxruntime", "convert_variants": True,
+                     "time_split_runs": 1},
     # CI: 30 test images; PyTorch + ORT at 432 and 336 (06 left both), the TFLite files 04 made
     "07_accuracy": {"max_images": 30, "resolutions": "432,336", "onnx2tf_precisions": "fp32,int8",
                     "litert_precisions": "fp32"},
