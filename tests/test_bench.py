@@ -340,3 +340,28 @@ def test_cli_bench_rejects_bad_arguments_before_any_work(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_speed_targets_state_each_target_with_its_measurement():
+    res = _fake_result()
+    res.specs["tflite"].resolution = 432
+    res.specs["tflite fp32"] = BackendSpec("tflite fp32", "tflite", "e.tflite", 432,
+                                           meta={"route": "litert", "precision": "fp32"})
+    res.specs["onnxruntime fp32 mq20"] = BackendSpec("onnxruntime fp32 mq20", "onnxruntime", "f.onnx", 432,
+                                                     meta={"mask_queries": 20})
+    res.latency[1]["tflite fp32"] = LatencyStats("f", [300.0]).summary()
+    res.latency[1]["onnxruntime fp32 mq20"] = LatencyStats("q", [300.0]).summary()
+    res.flops.update({"432_mq20": {"gflops": 84.5}, -432: {"gflops": 76.4}})
+    res.ceilings = {1: {"fp32": 100.0, "dynamic_int8": 400.0, "int8": 400.0}}
+    coverage = {"tflite fp32": {"xnnpack_nodes": 1605, "xnnpack_total": 1643, "xnnpack_fraction": 1605 / 1643,
+                                "xnnpack_partitions": 5, "undelegated": {"TOPK_V2": {"count": 1}}}}
+    rows = {t["target"]: t for t in bench.speed_targets(res, coverage, cpu={"int8_dot": ["avx512_vnni"]})}
+    deleg = rows["≥ 99% of ops on XNNPACK in ≤ 3 partitions (tflite fp32)"]
+    assert deleg["met"] is False and "97.7% in 5 partitions" in deleg["measured"] and "TOPK_V2×1" in deleg["why"]
+    int8 = next(t for k, t in rows.items() if k.startswith("best int8 TFLite"))
+    assert int8["met"] is False and "0.48×" in int8["measured"] and "4.00×" in int8["why"]
+    fp32 = rows["fp32 TFLite ≤ 0.95× ORT fp32 (fp32 gates unchanged)"]
+    assert fp32["met"] is False and "0.97×" in fp32["measured"]
+    mq = next(t for k, t in rows.items() if k.startswith("--mask-queries 20"))
+    assert mq["met"] is False and "0.968×" in mq["measured"] and "11.2%" in mq["why"] and "9.4% left" in mq["why"]
+    assert bench.table(list(rows.values()), bench.TARGET_COLUMNS).count("\n") == len(rows) + 1
