@@ -284,3 +284,90 @@ def run_once(model_path: str | Path, x_nhwc: np.ndarray, num_threads: int = 1) -
     interp.set_tensor(inp["index"], np.asarray(x_nhwc, dtype=inp["dtype"]))
     interp.invoke()
     return {d["name"]: np.array(interp.get_tensor(d["index"])) for d in interp.get_output_details()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# why a full-integer file fails at run time: an int8 DIV whose divisor quantises to zero
+# ----------------------------------------------------------------------------------------------------------------
+
+#: The check that fails. ai-edge-litert 2.3's ``tflite/kernels/div.cc`` evaluates int8/uint8/int16 DIV, but first
+#: refuses a divisor with any element equal to its zero point (a divisor that *quantises to 0.0*), at line 262:
+#: "div.cc:262 data[i] != zero_point was not true. Node number N (DIV) failed to invoke". Prepare passes, so the file
+#: loads and allocates; the check runs on every invoke, on the divisor's quantised values. A per-tensor int8 divisor
+#: with range [lo, hi] maps every |value| < scale/2 (scale ≈ (hi - lo)/255) to the zero point: a wide-range constant
+#: such as the sine embedding's ``dim_t = 10000 ** (2 i / d)`` (1 … ~8700 → scale ≈ 34, so every dim_t < 17 becomes
+#: 0) or a run-time divisor whose small values fall inside that band.
+DIV_ZERO_CHECK = "div.cc:262 data[i] != zero_point"
+
+
+def _tensor_type_names() -> dict[int, str]:
+    from ai_edge_litert import schema_py_generated as fb
+
+    return {v: k.lower() for k, v in vars(fb.TensorType).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def quantized_divisions(model_path: str | Path) -> list[dict[str, Any]]:
+    """Every quantised (int8/uint8/int16) DIV of ``model_path``, read from its flatbuffer (subgraph 0; ``node`` is the
+    operator index, LiteRT's node number before delegation), with what decides ``DIV_ZERO_CHECK``.
+
+    Each row: node, output type, the dividend's and the divisor's name / type / shape / scale / zero point, and for
+    the divisor: ``zero_band`` (real values in (-scale/2, scale/2) quantise to the zero point), and when it is a
+    constant, ``elements_at_zero_point`` (> 0: this node fails on every invoke) and its dequantised min/max."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.ModelT.InitFromPackedBuf(Path(model_path).read_bytes(), 0)
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
+    tnames = _tensor_type_names()
+    sg = model.subgraphs[0]
+    np_types = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16}
+
+    def describe(i: int) -> dict[str, Any]:
+        t = sg.tensors[i]
+        q = t.quantization
+        name = t.name.decode() if isinstance(t.name, bytes) else (t.name or "")
+        row: dict[str, Any] = {
+            "tensor": i, "name": name, "type": tnames.get(t.type, str(t.type)),
+            "shape": [int(d) for d in (t.shape if t.shape is not None else [])],
+            "scale": [float(v) for v in (q.scale if q is not None and q.scale is not None else [])],
+            "zero_point": [int(v) for v in (q.zeroPoint if q is not None and q.zeroPoint is not None else [])]}
+        buf = model.buffers[t.buffer] if t.buffer is not None and t.buffer < len(model.buffers) else None
+        row["constant"] = bool(buf is not None and buf.data is not None and len(buf.data) > 0)
+        if row["scale"]:
+            row["zero_band"] = [-row["scale"][0] / 2, row["scale"][0] / 2]
+        if row["constant"] and row["type"] in np_types and row["zero_point"]:
+            vals = np.frombuffer(bytes(buf.data), dtype=np_types[row["type"]]).astype(np.int64)
+            zp, sc = row["zero_point"][0], row["scale"][0]
+            row["elements_at_zero_point"] = int((vals == zp).sum())
+            row["elements"] = int(vals.size)
+            row["dequantized_min"], row["dequantized_max"] = float((vals.min() - zp) * sc), float((vals.max() - zp) * sc)
+        return row
+
+    out = []
+    for idx, op in enumerate(sg.operators):
+        code = model.operatorCodes[op.opcodeIndex]
+        if names.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode))) != "DIV":
+            continue
+        y = describe(op.outputs[0])
+        if y["type"] not in np_types:
+            continue
+        a, b = (describe(i) for i in op.inputs[:2])
+        out.append({"node": idx, "output_type": y["type"], "dividend": a, "divisor": b, "output": y,
+                    "fails_on_every_invoke": bool(b.get("elements_at_zero_point", 0))})
+    return out
+
+
+def invoke_error(model_path: str | Path, x: np.ndarray | None = None) -> str | None:
+    """The error LiteRT raises when ``model_path`` is invoked on ``x`` (zeros of the input's shape by default), or
+    None when it runs (1 thread, default delegates)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interp = Interpreter(model_path=str(model_path), num_threads=1)
+        interp.allocate_tensors()
+        inp = interp.get_input_details()[0]
+        interp.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]) if x is None
+                          else np.asarray(x, dtype=inp["dtype"]))
+        interp.invoke()
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    return None

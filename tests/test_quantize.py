@@ -186,3 +186,79 @@ def test_split_errors(tmp_path):
     (d / "img_0.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         Q.split_images(d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the full-integer DIV failure: an int8 DIV refuses a divisor element at its zero point (a divisor quantised to 0)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _div_tflite(dtype: str, divisor_raw=None, divisor_zero_point: int | None = None) -> bytes:
+    """One DIV: x [1,4] / constant [4] → y, all tensors of ``dtype`` (int8 / uint8 with scale 0.05, or float32)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    ttype = {"int8": fb.TensorType.INT8, "uint8": fb.TensorType.UINT8, "float32": fb.TensorType.FLOAT32}[dtype]
+    zp = 128 if dtype == "uint8" else 0
+    divisor = {"float32": np.array([1.0, 2.0, 4.0, 0.5], np.float32),
+               "int8": np.array([20, 40, 80, 10], np.int8),  # 1, 2, 4, 0.5 at scale 0.05
+               "uint8": np.array([148, 168, 208, 138], np.uint8)}[dtype]
+    if divisor_raw is not None:
+        divisor = np.asarray(divisor_raw, dtype=divisor.dtype)
+    buffers = [fb.BufferT(), fb.BufferT()]
+    b = fb.BufferT()
+    b.data = np.frombuffer(divisor.tobytes(), dtype=np.uint8)
+    buffers += [b, fb.BufferT()]
+
+    def tensor(name, shape, buf, z=zp):
+        t = fb.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, list(shape), ttype, buf
+        if dtype != "float32":
+            q = fb.QuantizationParametersT()
+            q.scale, q.zeroPoint = [0.05], [z]
+            t.quantization = q
+        return t
+
+    dz = zp if divisor_zero_point is None else divisor_zero_point
+    tensors = [tensor("x", (1, 4), 1), tensor("divisor", (4,), 2, dz), tensor("y", (1, 4), 3)]
+    op = fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1], [2]
+    op.builtinOptionsType = fb.BuiltinOptions.DivOptions
+    op.builtinOptions = fb.DivOptionsT()
+    code = fb.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.DIV
+    code.version = 1 if dtype == "float32" else 2
+    sg = fb.SubGraphT()
+    sg.tensors, sg.inputs, sg.outputs, sg.operators, sg.name = tensors, [0], [2], [op], "main"
+    model = fb.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [sg], buffers
+    bld = flatbuffers.Builder(1024)
+    bld.Finish(model.Pack(bld), file_identifier=b"TFL3")
+    return bytes(bld.Output())
+
+
+def test_int8_div_refuses_a_divisor_at_its_zero_point(tmp_path):
+    def write(name, data):
+        p = tmp_path / name
+        p.write_bytes(data)
+        return p
+
+    x8 = np.full((1, 4), 10, np.int8)
+    ok = write("ok.tflite", _div_tflite("int8"))
+    # int8 DIV itself runs in this runtime (scales equal or not, negative divisors too)
+    assert Q.invoke_error(ok, x8) is None
+    assert Q.invoke_error(write("neg.tflite", _div_tflite("int8", [-20, 40, 80, 10])), x8) is None
+    rows = Q.quantized_divisions(ok)
+    assert len(rows) == 1 and rows[0]["node"] == 0 and rows[0]["output_type"] == "int8"
+    assert rows[0]["divisor"]["elements_at_zero_point"] == 0 and not rows[0]["fails_on_every_invoke"]
+    assert rows[0]["divisor"]["zero_band"] == [pytest.approx(-0.025), pytest.approx(0.025)]
+    # a raw 0 is not the problem when the zero point is elsewhere (it dequantises to 1.0) ...
+    assert Q.invoke_error(write("raw0.tflite", _div_tflite("int8", [0, 40, 80, 10], -20)), x8) is None
+    # ... an element AT the zero point (= a divisor quantised to 0.0) is: the issue's exact message
+    bad = write("bad.tflite", _div_tflite("int8", [20, 40, 80, 10], 20))
+    err = Q.invoke_error(bad, x8)
+    assert err is not None and Q.DIV_ZERO_CHECK in err and "(DIV) failed to invoke" in err
+    row = Q.quantized_divisions(bad)[0]
+    assert row["fails_on_every_invoke"] and row["divisor"]["elements_at_zero_point"] == 1
+    assert row["divisor"]["dequantized_min"] <= 0.0 <= row["divisor"]["dequantized_max"] and row["divisor"]["constant"]
+    # float DIV is not quantised: not listed
+    assert Q.quantized_divisions(write("f.tflite", _div_tflite("float32"))) == []
