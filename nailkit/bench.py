@@ -817,7 +817,7 @@ def run_benchmark(specs: Sequence[BackendSpec], images: Sequence[Any], *, thread
 #: fp16 weights are widened to fp32 on x86; dynamic-range int8 = qd8 kernels; static int8 (w8a8) = qs8 kernels;
 #: w8a16 has no int8×int8 kernel, so the int8 ceiling is only an upper bound for it
 CEILING_OF_PRECISION = {"fp32": "fp32", "fp16": "fp32", "int8": "dynamic_int8", "full_int8": "int8",
-                        "w8a8_backbone": "int8", "w8a16_backbone": "int8"}
+                        "w8a8": "int8", "w8a16": "int8"}
 
 
 def ceiling_precision(spec: BackendSpec) -> str:

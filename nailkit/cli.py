@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory (the artifact cache lives under it)")
     s.add_argument("--route", choices=["onnx2tf", "litert"], default="onnx2tf")
     s.add_argument("--precision", type=_strs, default=["fp32", "fp16", "int8"],
-                   help="comma list of fp32, fp16, int8 (and full_int8 on route onnx2tf, reported, not gated)")
+                   help="comma list of fp32, fp16, int8 (and full_int8 on route onnx2tf; w8a8, w8a16 — static "
+                        "selective int8 — on route litert: reported, not gated)")
+    s.add_argument("--calibration", type=int, default=8, metavar="N",
+                   help="w8a8/w8a16: calibrate on N train-split images (default 8)")
+    s.add_argument("--calibration-dir", default=None,
+                   help="w8a8/w8a16: a COCO split folder to calibrate on (default: the synthetic train split)")
     s.add_argument("--resolution", type=int, default=None, help="default: the checkpoint's")
     s.add_argument("--sampling", choices=["grid", "tent"], default="grid",
                    help="deformable-attention sampling: grid (rfdetr's grid_sample) or tent (gather-free matmul)")

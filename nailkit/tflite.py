@@ -7,7 +7,10 @@
   SavedModel with ``TFLiteConverter`` (``Optimize.DEFAULT``, as rfdetr does). Optional full-integer int8
   (calibrated on ``data/``) behind ``full_int8=True``.
 * Route B ``litert``: the export-mode module (wrapped to take NHWC input) → ``litert_torch.convert``; fp16 and
-  dynamic int8 through ai-edge-quantizer recipes.
+  dynamic int8 through ai-edge-quantizer recipes; **static selective int8** (``STATIC_PRECISIONS``: ``w8a8`` /
+  ``w8a16``, ``nailkit.quantize``'s backbone recipes: the backbone's linears/convs at int8 weights + int8/int16
+  activations, the decoder, heads, LayerNorms, softmax and sampling in float), calibrated on ``calibration`` images of
+  a train split with ``predict()``'s preprocessing; the calibration set's content is in the file's key.
 
 Every conversion runs in its own subprocess (``python -m nailkit.tflite <worker> ...`` through ``nailkit.subproc``:
 tensorflow/triton import order, memory, a timeout that holds even when the worker is silent), with its output captured
@@ -41,6 +44,14 @@ from nailkit.model import DEFAULT_OUTPUT_DIR, OUTPUT_NAMES, export_options, expo
 ROUTES = ("onnx2tf", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")
 EXTRA_PRECISIONS = ("full_int8",)  # route A only, slow, not in CI
+#: route B only: static selective int8 (precision -> ``nailkit.quantize`` recipe). Reported against the dynamic-int8
+#: rounding control, not gated by it (that control rounds activations per run, not to calibrated static ranges);
+#: judged by notebook 07's accuracy gate instead.
+STATIC_PRECISIONS = {"w8a8": "backbone_w8a8", "w8a16": "backbone_w8a16"}
+#: train-split images a static precision is calibrated on by default (8: ~1 min and ~9 GB RSS for the 432 model)
+DEFAULT_CALIBRATION = 8
+#: precisions whose parity is reported (aggregate + ratio to the dynamic-int8 control) but not gated
+REPORTED_NOT_GATED = ("full_int8", *STATIC_PRECISIONS)
 ALL_OUTPUT_NAMES = tuple(OUTPUT_NAMES) + ("enc_scores", "topk_indices")
 #: ONNX passes route A applies (only those shown to be needed), then the selection outputs are exposed.
 from nailkit.onnx_passes import DEFAULT_PASSES as ROUTE_A_PASSES  # noqa: E402
@@ -209,6 +220,33 @@ def _worker_quantize_litert(fp32: str, work: str, precisions: str) -> None:
     _emit({"files": files, "times": times, "ai_edge_quantizer": getattr(ai_edge_quantizer, "__version__", "0.10")})
 
 
+def _worker_quantize_static(fp32: str, calib_npy: str, work: str, precisions: str) -> None:
+    """Static selective int8 (``STATIC_PRECISIONS``) of the route-B fp32 file: one calibration (per-tensor min/max
+    of the tensors the backbone recipe quantises; bit-width independent) serves every precision asked for."""
+    import ai_edge_quantizer
+
+    from nailkit import quantize as Q
+
+    calib = np.load(calib_npy)
+    xs = [np.ascontiguousarray(calib[i:i + 1]) for i in range(len(calib))]
+    precs = precisions.split(",")
+    t0 = time.time()
+    print(f"ai-edge-quantizer: calibrating {fp32} on {len(xs)} images ...", flush=True)
+    stats = Q.calibrate(fp32, "backbone_w8a8", xs)
+    times = {"calibration_s": time.time() - t0}
+    files, recipes = {}, {}
+    for prec in precs:
+        t1 = time.time()
+        name = STATIC_PRECISIONS[prec]
+        res = Q.quantize_tflite(fp32, name, xs, Path(work) / f"{prec}.tflite", calibration_result=stats)
+        files[prec] = res.path
+        recipes[prec] = {"recipe": name, "quantized_ops": res.quantized_ops, "size_bytes": res.size_bytes}
+        times[f"{prec}_s"] = time.time() - t1
+        print(f"{prec} ({name}): {res.size_bytes / 1e6:.1f} MB, quantized ops {res.quantized_ops}", flush=True)
+    _emit({"files": files, "times": times, "recipes": recipes,
+           "ai_edge_quantizer": getattr(ai_edge_quantizer, "__version__", "0.10")})
+
+
 def _quantize_litert(fp32: Path, precision: str, dst: Path) -> Path:
     from ai_edge_quantizer import quantizer, recipe, recipe_manager
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
@@ -370,7 +408,7 @@ class _Gate:
         self.controls: dict[str, list[dict[str, Any]]] = {}
 
     def __call__(self, path: Path, precision: str) -> tuple[dict[str, Any], list[str]]:
-        """(aggregate, failures) of ``path``; full_int8 is reported, never gated."""
+        """(aggregate, failures) of ``path``; full_int8 and the static precisions are reported, never gated."""
         import copy
 
         from nailkit.data import sample_images
@@ -382,19 +420,20 @@ class _Gate:
             # the reference is rfdetr's own sampling (grid_sample) even for a tent file: the gate checks the swap too
             self.module = export_module(load_model(self.ckpt), self.res, mask_queries=self.mask_queries)
             self.refs = reference_outputs(self.module, images, self.res)
-        control = "int8" if precision == "full_int8" else precision
+        control = "int8" if precision in REPORTED_NOT_GATED else precision
         if control != "fp32" and control not in self.controls:
             self.controls[control] = reference_outputs(rounding_control(copy.deepcopy(self.module), control), images,
                                                        self.res)
         agg = artifact_parity(path, self.module, self.refs, control, self.controls)["aggregate"]
-        fails = [] if precision == "full_int8" else gates.check(gates.tflite_stage(precision), agg)
+        fails = [] if precision in REPORTED_NOT_GATED else gates.check(gates.tflite_stage(precision), agg)
         return agg, fails
 
 
 def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                   route: str = "onnx2tf", precision: str = "fp32", resolution: int | None = None, *,
                   also: tuple[str, ...] = (), force: bool = False, passes: tuple[str, ...] | None = None,
-                  verify: bool = True, sampling: str | None = None, mask_queries: int | None = None
+                  verify: bool = True, sampling: str | None = None, mask_queries: int | None = None,
+                  calibration: int = DEFAULT_CALIBRATION, calibration_dir: str | os.PathLike[str] | None = None
                   ) -> artifacts.Artifact:
     """The ``.tflite`` of ``checkpoint`` for ``route``/``precision`` (an ``Artifact``: ``path, meta = ...``),
     converting only when the cache misses, and publishing a file only after its parity gate passed.
@@ -419,12 +458,18 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
     ``nailkit.artifacts.record_refusal``); a later request for the same key raises ``ConversionError`` from that
     record at once, without converting again (route A's fp16 of the trained model: ~20 min of onnx2tf each time),
     unless ``force=True``.
+
+    Route B's static precisions (``STATIC_PRECISIONS``: ``w8a8``, ``w8a16``) are quantised from the cached fp32 file
+    (``_ensure_static``), calibrated on ``calibration`` images of ``calibration_dir`` (a COCO split folder; default:
+    the synthetic dataset's train split, seed 0, generated under ``output_dir/datasets/``); the names of those images
+    and the sha256 of their preprocessed inputs enter the file's key. Their parity is reported, not gated (see
+    ``STATIC_PRECISIONS``).
     """
     from nailkit.model import resolve_checkpoint
 
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}; expected one of {ROUTES}")
-    valid = PRECISIONS + (EXTRA_PRECISIONS if route == "onnx2tf" else ())
+    valid = PRECISIONS + (EXTRA_PRECISIONS if route == "onnx2tf" else tuple(STATIC_PRECISIONS))
     for p in (precision, *also):
         if p not in valid:
             raise ValueError(f"route {route}: unknown precision {p!r}; expected one of {valid}")
@@ -443,6 +488,12 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
         params.update(passes=list(passes), onnx2tf_kwargs=ONNX2TF_KWARGS)
     h, key = artifacts.artifact_key("tflite", artifacts.checkpoint_content(ckpt), params, ROUTE_PACKAGES[route])
     adir = _artifact_dir(out_dir, route, res, h, export_suffix(sampling, mask_queries))
+    if precision in STATIC_PRECISIONS:
+        return _ensure_static(ckpt, out_dir, adir, key, precision, res,
+                              also=tuple(p for p in also if p in STATIC_PRECISIONS), force=force, verify=verify,
+                              sampling=sampling, mask_queries=mask_queries, calibration=calibration,
+                              calibration_dir=calibration_dir)
+    also = tuple(p for p in also if p not in STATIC_PRECISIONS)
     path = adir / f"model_{precision}.tflite"
     if not force:
         meta = artifacts.cached(path, key)
@@ -528,6 +579,85 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
     if precision not in metas:
         raise ConversionError(f"route {route}: the conversion wrote no {precision} file (got {sorted(metas)}); "
                               f"see {log_path}")
+    return artifacts.Artifact(path, metas[precision])
+
+
+def calibration_split(output_dir: str | os.PathLike[str], n: int = DEFAULT_CALIBRATION) -> Path:
+    """The default calibration images: the synthetic dataset's train split (seed 0; image i depends only on
+    (seed, split, i), so these are the first ``n`` images the demo model was trained on), generated when absent."""
+    from nailkit.dataset import ensure_dataset
+
+    d = ensure_dataset(Path(output_dir) / "datasets" / f"nails-seed0-train{int(n)}", seed=0,
+                       sizes={"train": int(n), "valid": 0, "test": 0})
+    return d / "train"
+
+
+def calibration_set(split_dir: str | os.PathLike[str], resolution: int, n: int = DEFAULT_CALIBRATION,
+                    seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """(NHWC float32 [n, R, R, 3] calibration inputs, their identity for the cache key): ``n`` images of the split
+    (``nailkit.quantize.calibration_images``), preprocessed exactly as ``predict()`` does."""
+    import hashlib
+
+    from nailkit import quantize as Q
+
+    paths = Q.calibration_images(split_dir, n, seed)
+    xs = np.concatenate(Q.calibration_inputs(split_dir, resolution, n, seed), axis=0).astype(np.float32)
+    ident = {"images": [p.name for p in paths], "n": len(paths), "seed": seed,
+             "inputs_sha256": hashlib.sha256(np.ascontiguousarray(xs).tobytes()).hexdigest()}
+    return xs, ident
+
+
+def _ensure_static(ckpt: Path, out_dir: Path, adir: Path, key: dict[str, Any], precision: str, res: int, *,
+                   also: tuple[str, ...], force: bool, verify: bool, sampling: str, mask_queries: int | None,
+                   calibration: int, calibration_dir: str | os.PathLike[str] | None) -> artifacts.Artifact:
+    """Route B static selective int8 (``STATIC_PRECISIONS``) from the cached, gated fp32 file; the key is the fp32
+    folder's key plus the recipe and the calibration set. Published after its (reported) parity run."""
+    split = Path(calibration_dir) if calibration_dir else calibration_split(out_dir, calibration)
+    xs, ident = calibration_set(split, res, calibration)
+    ident["split"] = str(split) if calibration_dir else "synthetic train (seed 0)"
+
+    def key_of(prec: str) -> dict[str, Any]:
+        return {**key, "static": {"precision": prec, "recipe": STATIC_PRECISIONS[prec], "calibration": ident}}
+
+    path = adir / f"model_{precision}.tflite"
+    if not force:
+        meta = artifacts.cached(path, key_of(precision))
+        if meta:
+            return artifacts.Artifact(path, meta)
+        _raise_if_refused(path, key_of(precision), "litert", precision)
+    wanted = [precision] + [p for p in dict.fromkeys(also) if p != precision
+                            and (force or not artifacts.cached(adir / f"model_{p}.tflite", key_of(p)))]
+    fp32_path, fp32_meta = ensure_tflite(ckpt, out_dir, "litert", "fp32", res, verify=verify, sampling=sampling,
+                                         mask_queries=mask_queries)
+    info = _ckpt_info(ckpt)
+    h = key_of(precision)["static"]["calibration"]["inputs_sha256"][:8]
+    log_path = out_dir / "logs" / f"convert_litert_{res}_{adir.name}_{'-'.join(wanted)}_calib{h}.log"
+    with artifacts.staging(path) as wp:
+        np.save(wp / "calib.npy", xs)
+        result = run_worker(["quantize-static", str(fp32_path), str(wp / "calib.npy"), str(wp), ",".join(wanted)],
+                            log_path, f"ai-edge-quantizer static {'+'.join(wanted)} ({len(xs)} calibration images)")
+        gate = _Gate(ckpt, res, mask_queries) if verify else None
+        metas: dict[str, dict[str, Any]] = {}
+        for prec, f in result["files"].items():
+            check_tflite_file(f)
+            meta = {"key": key_of(prec), "route": "litert", "precision": prec, "resolution": res,
+                    "class_names": info["class_names"], "num_select": info["num_select"], "input": "NHWC float32",
+                    "outputs": list(ALL_OUTPUT_NAMES), "checkpoint": str(ckpt),
+                    "checkpoint_sha256": file_sha256(ckpt), "log": str(log_path),
+                    "conversion_wall_s": result["wall_s"], "conversion_peak_rss_mb": result["peak_rss_mb"],
+                    "times": result.get("times", {}), "recipe": result.get("recipes", {}).get(prec),
+                    "calibration": ident, "versions": {"ai_edge_quantizer": result.get("ai_edge_quantizer")},
+                    "converted_together": sorted(result["files"]), "sampling": sampling,
+                    "mask_queries": mask_queries, "made_from": str(fp32_path),
+                    "fp32_conversion_wall_s": fp32_meta["conversion_wall_s"],
+                    "gated": False, "gate_note": "reported, not gated: the dynamic-int8 rounding control does not "
+                                                 "model calibrated static activation ranges (accuracy: notebook 07)"}
+            if gate is not None:
+                meta["parity"], _ = gate(Path(f), prec)
+            metas[prec] = artifacts.publish(f, adir / f"model_{prec}.tflite", meta).meta
+    if precision not in metas:
+        raise ConversionError(f"route litert: the static quantization wrote no {precision} file (got "
+                              f"{sorted(metas)}); see {log_path}")
     return artifacts.Artifact(path, metas[precision])
 
 
@@ -667,13 +797,16 @@ def cli_convert(args) -> int:
         raise FileNotFoundError(f"{ckpt}: checkpoint not found (expected an rfdetr .pth)")
     precisions = list(args.precision)
     for p in precisions:
-        if p not in PRECISIONS + (EXTRA_PRECISIONS if args.route == "onnx2tf" else ()):
-            raise ValueError(f"--precision {p}: expected a comma list of {PRECISIONS}")
+        if p not in PRECISIONS + (EXTRA_PRECISIONS if args.route == "onnx2tf" else tuple(STATIC_PRECISIONS)):
+            raise ValueError(f"--precision {p}: expected a comma list of {PRECISIONS} (+ full_int8 on route onnx2tf, "
+                             f"{'/'.join(STATIC_PRECISIONS)} on route litert)")
     redone: set[str] = set()  # --force converts each file once, not once per precision of a joint conversion
     for prec in precisions:
         path, meta = ensure_tflite(ckpt, out_dir, args.route, prec, args.resolution, also=tuple(precisions),
                                    sampling=getattr(args, "sampling", None),
                                    mask_queries=getattr(args, "mask_queries", None),
+                                   calibration=int(getattr(args, "calibration", None) or DEFAULT_CALIBRATION),
+                                   calibration_dir=getattr(args, "calibration_dir", None),
                                    force=bool(getattr(args, "force", False)) and prec not in redone)
         redone |= set(meta.get("converted_together", [prec]))
         a = meta["parity"]
@@ -684,7 +817,7 @@ def cli_convert(args) -> int:
                 f"pre-TopK {a['pre_topk_max_abs']:.1e}, forced {a['forced_max_abs']:.1e}")
         if "control_ratio_max" in a:
             line += f", vs rounding control {a['control_ratio_max']:.2f}x"
-        print(line + (" — reported, not gated" if prec == "full_int8" else " — ok"))
+        print(line + (" — reported, not gated" if prec in REPORTED_NOT_GATED else " — ok"))
     return 0
 
 
@@ -698,6 +831,8 @@ def _main(argv: list[str]) -> None:
         _worker_quantize_saved_model(*rest)
     elif cmd == "quantize-litert":
         _worker_quantize_litert(*rest)
+    elif cmd == "quantize-static":
+        _worker_quantize_static(*rest)
     elif cmd == "delegation":
         _worker_delegation(*rest)
     else:

@@ -376,3 +376,84 @@ def test_score_gap_and_rounding_controls():
         assert not torch.allclose(rounding_control(m, "int8")(x)[1], rounding_control(m, "int8_weights")(x)[1])
     with pytest.raises(ValueError, match="no rounding control"):
         rounding_control(m, "int4")
+
+
+def _fake_static_worker(calls: list):
+    """Stand-in for both route-B workers: fp32 conversion, and ``quantize-static`` (writes each precision asked)."""
+
+    def worker(args, log_path, desc, timeout=0):
+        calls.append(args)
+        work = Path(args[-1]) if args[0] != "quantize-static" else Path(args[3])
+        files = {}
+        precs = args[4].split(",") if args[0] == "quantize-static" else ["fp32"]
+        for p in precs:
+            out = work / f"{p}.tflite"
+            out.write_bytes(_fake_tflite_bytes(p.encode()))
+            files[p] = str(out)
+        return {"files": files, "wall_s": 0.1, "peak_rss_mb": 1.0}
+
+    return worker
+
+
+def _split(tmp_path, n=3, seed=0):
+    from PIL import Image
+
+    d = tmp_path / f"calib{seed}"
+    d.mkdir()
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, size=(50, 60, 3), dtype=np.uint8)).save(d / f"c{i}.jpg")
+        images.append({"id": i, "file_name": f"c{i}.jpg", "width": 60, "height": 50})
+    import json
+
+    (d / "_annotations.coco.json").write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    return d
+
+
+def test_static_precisions_are_keyed_by_their_calibration_set(tmp_path: Path, demo_ckpt, monkeypatch):
+    """w8a8/w8a16 come from the cached fp32 file; the calibration images' content is in their key (new images →
+    re-quantised, fp32 reused); they are reported, not gated; route A has no static precision."""
+    calls: list = []
+    monkeypatch.setattr(tflite, "run_worker", _fake_static_worker(calls))
+    gated = []
+
+    def gate(self, p, precision):
+        gated.append(precision)
+        return {"images": 6, "control_ratio_max": 9.9}, []
+
+    monkeypatch.setattr(tflite._Gate, "__call__", gate)
+    a = _split(tmp_path, 3, seed=0)
+    w8, meta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "w8a8", 432, calibration=2, calibration_dir=a,
+                                    also=("w8a16",))
+    assert [c[0] for c in calls] == ["route-b", "quantize-static"] and calls[1][4] == "w8a8,w8a16"
+    assert w8.name == "model_w8a8.tflite" and (w8.parent / "model_fp32.tflite").is_file()
+    assert (w8.parent / "model_w8a16.tflite").is_file()  # made together from one calibration
+    assert meta["precision"] == "w8a8" and meta["gated"] is False and meta["parity"]["control_ratio_max"] == 9.9
+    cal = meta["key"]["static"]["calibration"]
+    assert cal["n"] == 2 and len(cal["images"]) == 2 and len(cal["inputs_sha256"]) == 64
+    assert meta["key"]["static"]["recipe"] == "backbone_w8a8"
+    # cached: same calibration set → no worker; w8a16 was made in the same run
+    assert tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "w8a8", 432, calibration=2,
+                                calibration_dir=a).path == w8
+    assert tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "w8a16", 432, calibration=2,
+                                calibration_dir=a).meta["precision"] == "w8a16"
+    assert len(calls) == 2
+    # other images → a new key: quantised again from the cached fp32 file (no second fp32 conversion)
+    b = _split(tmp_path, 3, seed=1)
+    _, meta_b = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "w8a8", 432, calibration=2, calibration_dir=b)
+    assert [c[0] for c in calls] == ["route-b", "quantize-static", "quantize-static"] and calls[2][4] == "w8a8"
+    assert meta_b["key"]["static"]["calibration"]["inputs_sha256"] != cal["inputs_sha256"]
+    assert set(gated) == {"fp32", "w8a8", "w8a16"}
+    with pytest.raises(ValueError, match="unknown precision"):
+        tflite.ensure_tflite(demo_ckpt, tmp_path, "onnx2tf", "w8a8", 432)
+
+
+def test_calibration_set_is_predict_preprocessing(tmp_path: Path):
+    from nailkit.preprocess import preprocess, to_nhwc
+
+    d = _split(tmp_path, 3)
+    xs, ident = tflite.calibration_set(d, 48, n=3)
+    assert xs.shape == (3, 48, 48, 3) and xs.dtype == np.float32
+    assert np.array_equal(xs[0], to_nhwc(preprocess(d / "c0.jpg", 48)[0])[0])
+    assert ident["images"] == ["c0.jpg", "c1.jpg", "c2.jpg"]
