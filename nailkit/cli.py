@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opset", type=int, default=None, help="default 17 (legacy) / 18 (dynamo)")
     s.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     s.add_argument("--simplify", action="store_true", help="run onnxslim on the exported graph")
-    s.add_argument("--sampling", choices=["grid", "tent"], default="grid",
-                   help="deformable-attention sampling: grid (rfdetr's grid_sample) or tent (gather-free matmul)")
+    s.add_argument("--sampling", choices=["grid", "tent", "xnn"], default="grid",
+                   help="deformable-attention sampling: grid (rfdetr's grid_sample), tent (gather-free matmul) or xnn "
+                        "(tent + query selection and sine embedding rewritten to stay on XNNPACK)")
     s.add_argument("--mask-queries", type=int, default=None, metavar="N",
                    help="masks only for the N best queries, selected in-graph (default: all)")
     s.add_argument("--trusted", action="store_true")
@@ -111,14 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-dir", default=None,
                    help="w8a8/w8a16: a COCO split folder to calibrate on (default: the synthetic train split)")
     s.add_argument("--resolution", type=int, default=None, help="default: the checkpoint's")
-    s.add_argument("--sampling", choices=["grid", "tent"], default="grid",
-                   help="deformable-attention sampling: grid (rfdetr's grid_sample) or tent (gather-free matmul)")
+    s.add_argument("--sampling", choices=["grid", "tent", "xnn"], default="grid",
+                   help="deformable-attention sampling: grid (rfdetr's grid_sample), tent (gather-free matmul) or xnn "
+                        "(tent + query selection and sine embedding rewritten to stay on XNNPACK)")
     s.add_argument("--mask-queries", type=int, default=None, metavar="N",
                    help="masks only for the N best queries, selected in-graph (default: all)")
     s.add_argument("--force", action="store_true",
                    help="convert again even when cached, or when a refusal of the same conversion is recorded")
     s.add_argument("--trusted", action="store_true", help="allow unpickling arbitrary objects (only files you trust)")
-    s.set_defaults(handler="nailkit.tflite:cli_convert")
+    s.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: the .tflite files of --route/--precision (default); gpu: the GPU target's three graphs "
+                        "(nailkit.gpu_graphs; --route/--precision/--sampling do not apply)")
+    s.set_defaults(handler="nailkit.cli:cli_convert")
 
     s = sub.add_parser("predict", help="run a .pth/.onnx/.tflite on images; write overlays + detections JSON")
     s.add_argument("model")
@@ -139,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default="fp32")
     s.add_argument("--resolution", type=int, default=None)
     s.add_argument("--tflite", default=None, help="reuse an existing converted .tflite instead of converting")
+    s.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: one .tflite for XNNPACK (default); gpu: three graphs for LiteRT's GPU delegate + numpy "
+                        "host steps (nailkit.gpu_graphs)")
+    s.add_argument("--gpu-check", action="store_true",
+                   help="--target gpu: also run the graphs under LiteRT's GPU accelerator (SwiftShader here) and "
+                        "write its verdict and parity into the model card")
     s.add_argument("--trusted", action="store_true")
     s.set_defaults(handler="nailkit.bundle:cli_bundle")
 
@@ -194,6 +205,17 @@ def cli_make_dataset(args: argparse.Namespace) -> int:
     sizes = {k: v for k in ("train", "valid", "test") if (v := getattr(args, k)) is not None}
     print(json.dumps(make_dataset(args.out, seed=args.seed, sizes=sizes, progress=True), indent=2))
     return 0
+
+
+def cli_convert(args: argparse.Namespace) -> int:
+    """``convert``: the CPU target's files (nailkit.tflite) or the GPU target's graphs (nailkit.gpu_graphs)."""
+    if getattr(args, "target", "cpu") == "gpu":
+        from nailkit.gpu_graphs import cli_convert_gpu
+
+        return cli_convert_gpu(args)
+    from nailkit.tflite import cli_convert as convert_cpu
+
+    return convert_cpu(args)
 
 
 def main(argv: list[str] | None = None) -> int:

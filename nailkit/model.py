@@ -189,7 +189,10 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
       kept queries' indices in the full model's 200 (diagnostic; off by default because nailkit identifies outputs by
       rank/dtype and an integer rank-2 output already means ``topk_indices``).
     * ``sampling``: ``None`` / ``"grid"`` keeps rfdetr's ``grid_sample`` deformable sampling; ``"tent"`` swaps in the
-      gather-free matmul sampler of ``nailkit.sampling`` (``SAMPLING_CHOICES``).
+      gather-free matmul sampler of ``nailkit.sampling`` (``SAMPLING_CHOICES``); ``"xnn"`` is ``"tent"`` plus
+      ``nailkit.xnnpack_friendly``: the two-stage query selection (constant proposals, one-hot-matmul gathers) and the
+      decoder's sine embedding (constant ``dim_t``, no slicing) rewritten so that only TopK (and the cast of its
+      indices) stays off XNNPACK — the same numbers.
     """
     import torch
     from rfdetr.export._backend import _switch_to_export_mode
@@ -216,7 +219,11 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
     if normalize_sampling(sampling) != "grid":
         from nailkit.sampling import swap_deformable_sampling
 
-        swap_deformable_sampling(graph.model, normalize_sampling(sampling))
+        swap_deformable_sampling(graph.model, "tent")
+    if normalize_sampling(sampling) == "xnn":
+        from nailkit.xnnpack_friendly import make_xnnpack_friendly
+
+        make_xnnpack_friendly(graph.model, res)
 
     class ExportModule(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module, n_out: int) -> None:
@@ -240,17 +247,18 @@ def export_module(rf, resolution: int | None = None, *, segmentation: bool = Tru
     return mod
 
 
-#: the deformable-sampling choices of the export options: rfdetr's ``grid_sample`` ("grid", the default) and the
-#: gather-free tent matmul of ``nailkit.sampling`` ("tent")
-SAMPLING_CHOICES = ("grid", "tent")
+#: the deformable-sampling choices of the export options: rfdetr's ``grid_sample`` ("grid", the default), the
+#: gather-free tent matmul of ``nailkit.sampling`` ("tent"), and tent + the XNNPACK-friendly query selection and sine
+#: embedding of ``nailkit.xnnpack_friendly`` ("xnn")
+SAMPLING_CHOICES = ("grid", "tent", "xnn")
 
 
 def normalize_sampling(sampling: str | None) -> str:
-    """``None`` / ``"grid"`` / ``"grid_sample"`` → ``"grid"``; ``"tent"`` → ``"tent"``; anything else: ValueError."""
+    """``None`` / ``"grid"`` / ``"grid_sample"`` → ``"grid"``; ``"tent"``, ``"xnn"`` as is; anything else: ValueError."""
     if sampling in (None, "", "grid", "grid_sample"):
         return "grid"
-    if sampling == "tent":
-        return "tent"
+    if sampling in ("tent", "xnn"):
+        return sampling
     raise ValueError(f"unknown deformable sampling {sampling!r}; expected one of {SAMPLING_CHOICES}")
 
 
@@ -270,9 +278,9 @@ def export_options(sampling: str | None = None, mask_queries: int | None = None)
 
 
 def export_suffix(sampling: str | None = None, mask_queries: int | None = None) -> str:
-    """File-name tag of the export options: "" (default), "_tent", "_mq20", "_tent_mq20"."""
+    """File-name tag of the export options: "" (default), "_tent", "_xnn", "_mq20", "_tent_mq20"."""
     opts = export_options(sampling, mask_queries)
-    return ("_tent" if opts.get("sampling") == "tent" else "") + (f"_mq{opts['mask_queries']}"
+    return (f"_{opts['sampling']}" if "sampling" in opts else "") + (f"_mq{opts['mask_queries']}"
                                                                    if "mask_queries" in opts else "")
 
 

@@ -535,7 +535,7 @@ def find_tflite_artifacts(artifacts_dir: str | os.PathLike[str], checkpoint_sha2
             continue
         precision = _precision_of(path, meta)
         route = str(meta.get("route") or path.parent.name.split("_")[0] or "tflite")
-        options = "".join(f":{t}" for t in (("tent" if meta.get("sampling") == "tent" else ""),
+        options = "".join(f":{t}" for t in ((meta.get("sampling") if meta.get("sampling") in ("tent", "xnn") else ""),
                                              (f"mq{meta['mask_queries']}" if meta.get("mask_queries") else "")) if t)
         found.append({"path": path, "precision": precision, "route": route, "meta": meta,
                       "label": f"tflite:{route}:{precision}{options}"})
