@@ -34,6 +34,10 @@ MODEL_FILE = "model.tflite"
 COPIED = {"preprocess.py": PACKAGE_DIR / "preprocess.py", "postprocess.py": PACKAGE_DIR / "postprocess.py",
           "io_contract.py": PACKAGE_DIR / "io_contract.py", "run_bundle.py": BUNDLE_FILES / "run_bundle.py"}
 
+TARGETS = ("cpu", "gpu")
+#: the GPU target's bundle: three graphs + the numpy runtime between them
+GPU_COPIED = {**COPIED, "gpu_pipeline.py": PACKAGE_DIR / "gpu_pipeline.py"}
+
 OUTPUT_MEANINGS = {
     "pred_boxes": ("boxes", "normalised [0,1] (cx, cy, w, h) relative to the model input; multiply by the ORIGINAL "
                             "image width/height after converting to (x1, y1, x2, y2)", "values (sigmoid applied)"),
@@ -139,12 +143,17 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
                 precision: str = "fp32", resolution: Optional[int] = None, tflite: Optional[str] = None,
                 output_dir: str | os.PathLike[str] | None = None, images: Optional[Sequence[Any]] = None,
                 threshold: float = 0.5, latency_runs: int = 10, latency_threads: Sequence[int] = (1, 2),
-                trusted: bool = False, overwrite: bool = True) -> Path:
+                trusted: bool = False, overwrite: bool = True, target: str = "cpu", gpu_check: bool = False) -> Path:
     """Build the bundle for ``checkpoint`` in ``out`` (replacing an existing bundle there when ``overwrite``).
 
-    The .tflite comes from ``tflite`` when given (its input resolution must match), else from
+    ``target="cpu"``: one .tflite from ``tflite`` when given (its input resolution must match), else from
     ``nailkit.tflite.ensure_tflite`` (cached: converts only when no artifact for this checkpoint exists yet).
+    ``target="gpu"``: the GPU target's three graphs (``nailkit.gpu_graphs.ensure_gpu_graphs``) with the host steps
+    (``gpu_pipeline.py`` + ``postprocess.py``); ``gpu_check`` also runs them under LiteRT's GPU accelerator
+    (SwiftShader here) and writes the delegate's verdict and parity into the card.
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
     from nailkit.data import sample_images
     from nailkit.model import DEFAULT_OUTPUT_DIR, load_model, resolve_checkpoint
 
@@ -162,6 +171,9 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint; expected an rfdetr .pth")
     rf = load_model(ckpt, trusted=trusted, output_dir=out_root)
+    if target == "gpu":
+        return _make_gpu_bundle(ckpt, rf, out, out_root, resolution=resolution, images=images, threshold=threshold,
+                                latency_runs=latency_runs, gpu_check=gpu_check)
     if tflite:
         from nailkit.artifacts import read_sidecar
         from nailkit.io_contract import check_tflite_file
@@ -218,14 +230,159 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
                        if k in meta},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    files = {MODEL_FILE: Path(src), **COPIED, "labels.txt": "\n".join(labels) + "\n",
+             "model_card.json": json.dumps(card, indent=2, default=_json_default), "README.md": readme(card)}
+    return _write_folder(out, files)
+
+
+def _preprocess_card(res: int, layout: str, shape: list[int]) -> dict[str, Any]:
+    from nailkit.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"shape": shape, "dtype": "float32", "layout": layout, "resolution": res, "colour_order": "RGB",
+            "value_pipeline": ["decode to 8-bit RGB (drop alpha; grayscale/palette → RGB)",
+                               "scale to float32 [0, 1] (divide by 255)",
+                               f"resize to {res}x{res} (aspect ratio NOT kept) with bilinear interpolation, "
+                               "half-pixel centres (align_corners=False), NO antialias",
+                               "normalise per channel: (x - mean) / std", f"layout {layout}, batch 1"],
+            "resize": "bilinear, half-pixel centres, no antialias, to a square (aspect not preserved)",
+            "mean": [round(float(v), 6) for v in IMAGENET_MEAN], "std": [round(float(v), 6) for v in IMAGENET_STD],
+            "reference_code": "preprocess.py: preprocess(image, R) (+ to_nhwc for NHWC)"}
+
+
+def _make_gpu_bundle(ckpt: Path, rf, out: Path, out_root: Path, *, resolution: Optional[int],
+                     images: Optional[Sequence[Any]], threshold: float, latency_runs: int, gpu_check: bool) -> Path:
+    """The ``--target gpu`` bundle (see ``make_bundle``)."""
+    from nailkit import tflite_metadata as tm
+    from nailkit.artifacts import file_sha256
+    from nailkit.gpu_graphs import HOST_STEPS, IO_MEANINGS, ensure_gpu_graphs, verify_gpu_graphs
+    from nailkit.gpu_pipeline import GRAPH_NAMES, SplitModel
+
+    art = ensure_gpu_graphs(ckpt, out_root, resolution, images=images)
+    meta = art["meta"]
+    res = int(meta["resolution"])
+    split = SplitModel(art["dir"], "cpu", threads=1)
+    x = np.zeros((1, res, res, 3), dtype=np.float32)
+    for _ in range(max(1, latency_runs)):
+        split.run(x, threshold=threshold)
+    graphs = {}
+    for g in GRAPH_NAMES:
+        md = tm.read_metadata(art["paths"][g])
+        graphs[g] = {"file": f"{g}.tflite", "sha256": file_sha256(art["paths"][g], 64),
+                     "inputs": md["graph"]["inputs"], "outputs": md["outputs"],
+                     "ops": meta["graphs"][g]["op_check"]["n_ops"],
+                     "op_histogram": meta["graphs"][g]["op_check"]["histogram"],
+                     "cpu_latency_ms_1_thread": round(float(np.median(split.timings_ms[g])), 1)}
+    labels = list(rf.class_names)
+    card = {
+        "target": "gpu",
+        "graphs": graphs,
+        "source": {"checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt),
+                   "architecture": getattr(rf.nailkit_report, "rfdetr_class", None) or "RFDETRSegPreview",
+                   "route": "litert-torch (GPU target: graph split, tent sampling, SafeLayerNorm)",
+                   "precision": "fp32 weights; the GPU delegate runs fp16 or fp32 (enforce_f32)",
+                   "demo_random_weights": "demo" in Path(ckpt).name},
+        "labels": labels,
+        "input": _preprocess_card(res, "NHWC", [1, res, res, 3]),
+        "num_queries": int(meta["graph_meta"]["num_queries"]),
+        "mask_slots": int(meta["mask_slots"]),
+        "host_steps": HOST_STEPS,
+        "io_meanings": IO_MEANINGS,
+        "postprocess": {"steps": GPU_POSTPROCESS_STEPS, "num_select": int(getattr(rf.model.postprocess, "num_select",
+                                                                                    200)),
+                        "threshold": float(threshold), "mask_threshold": 0.0,
+                        "reference_code": "gpu_pipeline.py: SplitModel.raw(x, threshold) → postprocess.py: "
+                                          "postprocess(raw, (W, H), threshold)"},
+        "parity_cpu_interpreter": meta["cpu_parity"],
+        "gpu_check": (verify_gpu_graphs(ckpt, out_root, res, images=images) if gpu_check else
+                      "not run for this bundle (make_bundle(..., gpu_check=True) / notebook 04 runs it)"),
+        "versions": _versions({"route": "litert"}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if isinstance(card["gpu_check"], dict):
+        card["gpu_check"].pop("dir", None)
+    files: dict[str, Any] = {f"{g}.tflite": Path(art["paths"][g]) for g in GRAPH_NAMES}
+    files.update(GPU_COPIED)
+    files.update({"labels.txt": "\n".join(labels) + "\n",
+                  "model_card.json": json.dumps(card, indent=2, default=_json_default), "README.md": gpu_readme(card)})
+    return _write_folder(out, files)
+
+
+GPU_POSTPROCESS_STEPS = [
+    "graph_a(image) → enc_logits, enc_boxes, memory",
+    "host: score per token = max over enc_logits' classes; the top num_queries tokens (descending, ties by index); "
+    "ref_boxes = their enc_boxes (postprocess.select_proposals)",
+    "graph_b(memory, ref_boxes) → pred_boxes, pred_logits, query_features",
+    "host: sigmoid(pred_logits); top num_select (query, class) pairs; the distinct queries of pairs with score > "
+    "threshold, best first, at most mask_slots; their query_features rows, zero-padded to mask_slots "
+    "(postprocess.select_mask_queries)",
+    "graph_c(memory, those rows) → pred_masks for those queries only",
+    "host: postprocess.postprocess(RawOutputs(pred_boxes, pred_logits, pred_masks, mask_queries), (W, H), "
+    "threshold): boxes cxcywh → xyxy × image size; masks resized bilinearly (half-pixel, no antialias) to the "
+    "original size, then logit > 0",
+]
+
+
+def gpu_readme(card: dict[str, Any]) -> str:
+    rows = "\n".join(f"| `{v['file']}` | " + ", ".join(f"`{i['name']}` {i['shape']}" for i in v["inputs"]) + " | "
+                     + ", ".join(f"`{o['name']}`" for o in v["outputs"]) + f" | {v['ops']} |"
+                     for v in card["graphs"].values())
+    steps = "\n".join(f"{i}. {s}" for i, s in enumerate(card["postprocess"]["steps"], 1))
+    meanings = "\n".join(f"- `{k}`: {v}" for k, v in card["io_meanings"].items())
+    par = card["parity_cpu_interpreter"]
+    gc = card["gpu_check"]
+    gpu_line = gc if isinstance(gc, str) else (gc.get("skipped") or "; ".join(
+        f"{m}: ops on GPU {gc[m].get('ops_on_gpu')}, parity {gc[m].get('parity', {}).get('matched_top10')} matched, "
+        f"min mask IoU {gc[m].get('parity', {}).get('min_mask_iou')}" for m in ("gpu", "gpu_f32") if m in gc))
+    inp = card["input"]
+    return f"""# Nail segmentation model bundle — GPU target (RF-DETR {card['source']['architecture']}, LiteRT GPU delegate)
+
+Three graphs for LiteRT's GPU delegate (every op on the GPU: no TopK/GATHER, no integer tensors, tensors ≤ 4-D),
+with the two small host steps between them in numpy. `model_card.json` is the machine-readable version of this page;
+each `.tflite` also carries its own metadata (`nailkit_metadata` entry and an appended zip with `nailkit.json`,
+`labels.txt`).
+
+| file | inputs | outputs | ops |
+|---|---|---|---|
+{rows}
+
+`gpu_pipeline.py` runs the chain (`SplitModel(folder, "gpu")` compiles each graph for the GPU accelerator alone),
+`postprocess.py` holds the host steps, `preprocess.py` the input pipeline, `run_bundle.py` all of it:
+`python run_bundle.py photo.jpg [--accelerator gpu] --json out.json` (numpy, Pillow, ai-edge-litert).
+
+## Input
+`image`: float32 {inp['shape']} (NHWC), colour order RGB.
+{chr(10).join(f'{i}. {s}' for i, s in enumerate(inp['value_pipeline'], 1))}
+
+mean = {inp['mean']}, std = {inp['std']}.
+
+## Tensors
+{meanings}
+
+## The chain (in this order)
+{steps}
+
+Defaults: num_queries = {card['num_queries']}, mask slots = {card['mask_slots']}, num_select =
+{card['postprocess']['num_select']}, threshold = {card['postprocess']['threshold']}, mask threshold 0 (on logits).
+Keep `memory` on the GPU between graphs when your runtime allows it (it is graph B's and graph C's input).
+
+## Measured
+- The chain on the CPU interpreter vs the one-graph PyTorch model, {par['images']} images: {par['matched_top10']}
+  top-10 detections matched; min mask IoU {par['min_mask_iou']}; max score difference {par['max_score_diff']:.2g}.
+- GPU delegate (LiteRT WebGPU accelerator): {gpu_line}
+"""
+
+
+def _write_folder(out: Path, files: dict[str, Any]) -> Path:
+    """Write ``files`` ({name: source Path to copy | text}) as the folder ``out``: built in a temporary sibling,
+    then renamed into place (an existing ``out`` is replaced), so a failure never leaves a half-written bundle."""
+    parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=parent))
     try:
-        shutil.copyfile(src, tmp / MODEL_FILE)
-        for name, source in COPIED.items():
-            shutil.copyfile(source, tmp / name)
-        (tmp / "labels.txt").write_text("\n".join(labels) + "\n")
-        (tmp / "model_card.json").write_text(json.dumps(card, indent=2, default=_json_default))
-        (tmp / "README.md").write_text(readme(card))
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            else:
+                (tmp / name).write_text(content)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
@@ -310,11 +467,22 @@ Versions: see `model_card.json` → `versions`.
 
 
 def cli_bundle(args) -> int:
+    target = getattr(args, "target", "cpu")
     out = make_bundle(args.checkpoint, args.out, route=args.route, precision=args.precision,
-                      resolution=args.resolution, tflite=args.tflite, trusted=args.trusted)
+                      resolution=args.resolution, tflite=args.tflite, trusted=args.trusted, target=target,
+                      gpu_check=bool(getattr(args, "gpu_check", False)))
     card = json.loads((out / "model_card.json").read_text())
-    par = card["parity"]
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    if target == "gpu":
+        par = card["parity_cpu_interpreter"]
+        print(f"chain on the CPU interpreter vs PyTorch: {par['matched_top10']} top-10 matched, min mask IoU "
+              f"{par['min_mask_iou']}")
+        for g, v in card["graphs"].items():
+            print(f"{g}: {v['ops']} ops, {v['cpu_latency_ms_1_thread']} ms on 1 CPU thread")
+        gc = card["gpu_check"]
+        print(gc if isinstance(gc, str) else (gc.get("skipped") or f"GPU delegate: failures {gc['failures'] or 'none'}"))
+        return 0
+    par = card["parity"]
     print(f"parity vs PyTorch: {par['matched']}/{par['of']} top-10 matched, min mask IoU {par['min_mask_iou']}")
     for t, v in card["latency"]["by_threads"].items():
         print(f"latency {t} thread(s): {v['median_ms']:.1f} ms median")

@@ -14,8 +14,8 @@ Checks usable on any ``.tflite``:
   softmax, and for LayerNorm the largest per-row sum of squared deviations in the domain where the reduction happens
   (fp16's largest finite value is 65504; a Mali/Adreno delegate reduces in fp16 whatever the file's dtype).
 
-The split itself (``build_gpu_graphs``) follows google-ai-edge/litert-samples' RF-DETR GPU recipe, extended with the
-segmentation head; see that function.
+The GPU export target itself (the graph split, its conversion and the chain's parity) is ``nailkit.gpu_graphs``;
+its runtime (numpy + ai-edge-litert, shipped in the bundle) is ``nailkit.gpu_pipeline``.
 
 Nothing here imports tensorflow. The child process imports ai_edge_litert and numpy only.
 """
@@ -30,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -349,10 +349,13 @@ class OpCheck:
     advisory: dict[str, int]
     int_tensors: int  # non-constant integer/bool activation tensors
     n_subgraphs: int = 1
+    #: binary ops of a rank-2 runtime tensor and a non-broadcast constant: the WebGPU delegate computes them wrong
+    #: (``nailkit.tflite_passes``; ``lift_constant_binary_ops`` rewrites them)
+    risky_constant_ops: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.banned and not self.over_4d
+        return not self.banned and not self.over_4d and not self.risky_constant_ops
 
     def line(self) -> str:
         s = f"{Path(self.path).name}: {self.n_ops} ops, {'GPU-clean' if self.ok else 'BLOCKERS'}"
@@ -360,6 +363,8 @@ class OpCheck:
             s += "; banned " + ", ".join(f"{k}×{v}" for k, v in self.banned.items())
         if self.over_4d:
             s += f"; {len(self.over_4d)} tensors above 4-D (max rank {max(len(t[1]) for t in self.over_4d)})"
+        if self.risky_constant_ops:
+            s += f"; {len(self.risky_constant_ops)} rank-2 × constant binary ops (wrong on WebGPU)"
         return s
 
     def summary(self) -> dict[str, Any]:
@@ -389,7 +394,8 @@ def _read_model(path: str | os.PathLike[str]):
 
 
 def op_check(path: str | os.PathLike[str]) -> OpCheck:
-    """Op histogram, banned ops (incl. CAST to an integer type) and tensors above 4-D, from the flatbuffer alone."""
+    """Op histogram, banned ops (incl. CAST to an integer type), tensors above 4-D and rank-2 × constant binary ops
+    (``tflite_passes``), from the flatbuffer alone."""
     s = _schema()
     model, _ = _read_model(path)
     op_names = _enum_names(s.BuiltinOperator)
@@ -434,9 +440,11 @@ def op_check(path: str | os.PathLike[str]) -> OpCheck:
                     key = f"CAST→{out_t}"
                     banned[key] = banned.get(key, 0) + 1
     advisory = {k: v for k, v in hist.items() if k in ADVISORY_OPS or k.startswith(("CUSTOM", "STABLEHLO_"))}
+    from nailkit.tflite_passes import risky_constant_binary_ops
+
     return OpCheck(path=str(path), n_ops=n_main, histogram=dict(sorted(hist.items(), key=lambda kv: -kv[1])),
                    banned=banned, over_4d=over, advisory=advisory, int_tensors=int_tensors,
-                   n_subgraphs=model.SubgraphsLength())
+                   n_subgraphs=model.SubgraphsLength(), risky_constant_ops=risky_constant_binary_ops(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -605,389 +613,6 @@ def activation_maxima(module, inputs: Sequence[Any]) -> dict[str, Any]:
             "fp16_overflow_sites": over}
 
 
-def _main(argv: list[str]) -> None:
-    if argv and argv[0] == "_verdict":
-        _child_verdict(*argv[1:])
-        return
-    if argv and argv[0] in ("verdict", "check"):
-        for p in argv[1:]:
-            print(op_check(p).line())
-            if argv[0] == "verdict":
-                for f32 in (False, True):
-                    print("  " + delegate_verdict(p, enforce_f32=f32).line())
-        return
-    raise SystemExit("usage: python -m nailkit.gpu verdict|check FILE.tflite ...")
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the GPU export target: Graph A (image → proposal scores/boxes + memory), host top-k, Graph B (decoder + heads),
-# host selection, Graph C (masks for the selected queries only)
-# ----------------------------------------------------------------------------------------------------------------
-
-GRAPH_NAMES = ("graph_a", "graph_b", "graph_c")
-GRAPH_A_OUTPUTS = ("enc_logits", "enc_boxes", "memory")  # [1,HW,C+1], [1,HW,4] cxcywh (normalised), [1,HW,D]
-GRAPH_B_INPUTS = ("memory", "ref_boxes")  # [1,HW,D], [1,Q,4] (the host's top-Q proposal boxes)
-GRAPH_B_OUTPUTS = ("pred_boxes", "pred_logits", "query_features")  # [1,Q,4], [1,Q,C+1], [1,Q,D] (mask-head input)
-GRAPH_C_INPUTS = ("memory", "query_features")  # [1,HW,D], [1,K,D] (the host's selected rows, zero-padded)
-GRAPH_C_OUTPUTS = ("pred_masks",)  # [1,K,R/4,R/4] mask logits
-DEFAULT_MASK_SLOTS = 16
-
-
-def tanh_gelu(x):
-    import torch
-
-    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-
-
-def tent_grid_sample(value, loc):
-    """Bilinear sampling (grid_sample, align_corners=False, zero padding) as a matmul with tent weights: no GATHER.
-
-    value [N,C,H,W]; loc [N,L,P,2] in [0,1] (x, y) → [N,C,L,P]. Every tensor stays ≤ 4-D.
-    """
-    import torch
-
-    n, c, h, w = value.shape
-    _, lq, p, _ = loc.shape
-    ix = (loc[..., 0] * w - 0.5).reshape(n, lq * p, 1)
-    iy = (loc[..., 1] * h - 0.5).reshape(n, lq * p, 1)
-    xs = torch.arange(w, dtype=value.dtype).reshape(1, 1, w)
-    ys = torch.arange(h, dtype=value.dtype).reshape(1, 1, h)
-    wx = torch.relu(1.0 - (ix - xs).abs())  # [N, LP, W]
-    wy = torch.relu(1.0 - (iy - ys).abs())  # [N, LP, H]
-    wm = (wy.unsqueeze(-1) * wx.unsqueeze(-2)).reshape(n, lq * p, h * w)
-    out = torch.matmul(value.reshape(n, c, h * w), wm.transpose(1, 2))  # [N, C, LP]
-    return out.reshape(n, c, lq, p)
-
-
-def _msda_forward_gpu(self, query, reference_points, input_flatten, input_spatial_shapes=None,
-                      input_level_start_index=None, input_padding_mask=None, input_spatial_shapes_hw=None):
-    """MSDeformAttn for one feature level with every tensor ≤ 4-D and the tent-matmul sampler (same math)."""
-    import torch
-
-    bs, lq, _ = query.shape
-    h, w = self._nailkit_hw
-    nh, npnt, dm = self.n_heads, self.n_points, self.d_model
-    hd = dm // nh
-    value = self.value_proj(input_flatten)  # [bs, HW, dm]
-    so = self.sampling_offsets(query).reshape(bs, lq, nh, npnt * 2).permute(0, 2, 1, 3).reshape(bs * nh, lq, npnt, 2)
-    aw = self.attention_weights(query).reshape(bs, lq, nh, npnt)
-    aw = torch.softmax(aw, -1).permute(0, 2, 1, 3).reshape(bs * nh, 1, lq, npnt)
-    ref = reference_points.reshape(bs, lq, reference_points.shape[-1])  # n_levels == 1
-    rxy = ref[..., :2].unsqueeze(1).repeat(1, nh, 1, 1).reshape(bs * nh, lq, 1, 2)
-    if ref.shape[-1] == 4:
-        rwh = ref[..., 2:].unsqueeze(1).repeat(1, nh, 1, 1).reshape(bs * nh, lq, 1, 2)
-        loc = rxy + so * (0.5 / npnt) * rwh
-    else:
-        norm = torch.tensor([w, h], dtype=value.dtype).reshape(1, 1, 1, 2)
-        loc = rxy + so / norm
-    val = value.transpose(1, 2).reshape(bs * nh, hd, h, w)
-    sampled = tent_grid_sample(val, loc)  # [bs*nh, hd, lq, npnt]
-    out = (sampled * aw).sum(-1).reshape(bs, dm, lq).transpose(1, 2)
-    return self.output_proj(out)
-
-
-def _sine_embed_gpu(pos_tensor, dim: int = 128):
-    """rfdetr's gen_sineembed_for_position with dim_t baked and the sin/cos interleave as a reshape (no POW,
-    FLOOR_DIV or strided slices)."""
-    import math
-
-    import torch
-
-    dim_t = torch.arange(dim, dtype=torch.float32)
-    dim_t = (10000.0 ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / dim)).to(pos_tensor.dtype)
-    inv = (2 * math.pi) / dim_t
-
-    def one(e):
-        p = e.unsqueeze(-1) * inv  # [bs, nq, dim]
-        pr = p.reshape(p.shape[0], p.shape[1], dim // 2, 2)
-        return torch.stack((pr[..., 0].sin(), pr[..., 1].cos()), -1).reshape(p.shape[0], p.shape[1], dim)
-
-    parts = [one(pos_tensor[:, :, 1]), one(pos_tensor[:, :, 0])]
-    if pos_tensor.shape[-1] == 4:
-        parts += [one(pos_tensor[:, :, 2]), one(pos_tensor[:, :, 3])]
-    return torch.cat(parts, dim=2)
-
-
-def _windowed_embeddings_forward(self, pixel_values, bool_masked_pos=None):
-    """WindowedDinov2WithRegistersEmbeddings.forward with the window partition in ≤ 4-D steps (same order)."""
-    import torch
-
-    b, _, hh, ww = pixel_values.shape
-    emb = self.patch_embeddings(pixel_values)
-    emb = torch.cat((self.cls_token.expand(b, -1, -1), emb), dim=1)
-    emb = emb + self.interpolate_pos_encoding(emb, hh, ww)
-    nwin = self.config.num_windows
-    if nwin > 1:
-        nh_, nw_ = hh // self.config.patch_size, ww // self.config.patch_size
-        wh, wwp = nh_ // nwin, nw_ // nwin
-        c = emb.shape[-1]
-        cls_t, pix = emb[:, :1], emb[:, 1:]
-        # original: [b, nh, nw, c] → [b*nwin, wh, nwin, wwp, c] → permute(0,2,1,3,4) → [b*nwin², wh*wwp, c]
-        x = pix.reshape(b * nwin, wh, nwin, wwp * c)  # (window row, row in window, window col, [col, c])
-        x = x.permute(0, 2, 1, 3)  # (window row, window col, row in window, [col, c])
-        x = x.reshape(b * nwin * nwin, wh * wwp, c)
-        emb = torch.cat((torch.cat([cls_t] * (nwin * nwin), dim=0), x), dim=1)
-    if self.config.num_register_tokens > 0:
-        emb = torch.cat((emb[:, :1], self.register_tokens.expand(emb.shape[0], -1, -1), emb[:, 1:]), dim=1)
-    return self.dropout(emb)
-
-
-def _window_reverse(hs, b: int, nh_: int, nw_: int, nwin: int):
-    """[b*nwin², wh*wwp, c] → [b, nh, nw, c] in ≤ 4-D steps (inverse of the partition above)."""
-    wh, wwp = nh_ // nwin, nw_ // nwin
-    c = hs.shape[-1]
-    x = hs.reshape(b * nwin, nwin, wh, wwp * c)
-    x = x.permute(0, 2, 1, 3)  # [b*nwin, wh, nwin, wwp*c]
-    return x.reshape(b, nh_, nw_, c)
-
-
-def _windowed_backbone_forward(self, pixel_values, output_hidden_states=None, output_attentions=None,
-                               return_dict=None):
-    from transformers.modeling_outputs import BackboneOutput
-
-    emb = self.embeddings(pixel_values)
-    outs = self.encoder(emb, output_hidden_states=True, output_attentions=False, return_dict=True)
-    b, _, hh, ww = pixel_values.shape
-    nh_, nw_ = hh // self.config.patch_size, ww // self.config.patch_size
-    nwin = self.config.num_windows
-    maps = ()
-    for stage, hs in zip(self.stage_names, outs.hidden_states):
-        if stage in self.out_features:
-            if self.config.apply_layernorm:
-                hs = self.layernorm(hs)
-            if self.config.reshape_hidden_states:
-                hs = hs[:, self.num_register_tokens + 1:]
-                hs = _window_reverse(hs, b, nh_, nw_, nwin) if nwin > 1 else hs.reshape(b, nh_, nw_, -1)
-                hs = hs.permute(0, 3, 1, 2).contiguous()
-            maps += (hs,)
-    return BackboneOutput(feature_maps=maps, hidden_states=None, attentions=None)
-
-
-ALL_PATCHES = ("gelu", "msda", "windowed_dinov2", "layernorm")
-
-
-def _patch_for_gpu(net, resolution: int, *, safe_layernorm: bool = True,
-                   patches: Iterable[str] = ALL_PATCHES) -> dict[str, int]:
-    """Instance-level GPU patches on an export-mode LWDETR copy. Returns what was patched."""
-    import types
-
-    import torch
-    from torch import nn
-
-    class TanhGELU(nn.Module):
-        def forward(self, x):
-            return tanh_gelu(x)
-
-    counts = {"gelu": 0, "msda": 0, "windowed_dinov2": 0, "layernorm": 0}
-    hw = resolution // int(net.backbone[0].encoder.encoder.config.patch_size) if hasattr(
-        net.backbone[0].encoder, "encoder") else None
-    patches = set(patches)
-    for parent in list(net.modules()) if "gelu" in patches else []:
-        for name, child in list(parent.named_children()):
-            tname = type(child).__name__
-            if isinstance(child, nn.GELU) or tname in ("GELUActivation", "NewGELUActivation", "GELUTanh"):
-                setattr(parent, name, TanhGELU())
-                counts["gelu"] += 1
-    for m in net.modules():
-        tname = type(m).__name__
-        if tname == "MSDeformAttn" and "msda" in patches:
-            if int(m.n_levels) != 1:
-                raise NotImplementedError("GPU target: deformable attention with more than one level")
-            m._nailkit_hw = (hw, hw)
-            m.forward = types.MethodType(_msda_forward_gpu, m)
-            counts["msda"] += 1
-        elif tname == "WindowedDinov2WithRegistersEmbeddings" and "windowed_dinov2" in patches:
-            m.forward = types.MethodType(_windowed_embeddings_forward, m)
-            counts["windowed_dinov2"] += 1
-        elif tname == "WindowedDinov2WithRegistersBackbone" and "windowed_dinov2" in patches:
-            m.forward = types.MethodType(_windowed_backbone_forward, m)
-        elif tname in ("Dinov2WithRegistersSdpaSelfAttention",):
-            pass  # SDPA lowers to ≤4-D BATCH_MATMUL/SOFTMAX in litert-torch
-    # MLP activations held as functions (transformers' ACT2FN objects are modules, handled above); decoder layers
-    # keep `self.activation` as a function attribute:
-    for m in net.modules():
-        act = getattr(m, "activation", None)
-        if "gelu" in patches and act is not None and not isinstance(act, nn.Module) and \
-                getattr(act, "__name__", "") == "gelu":
-            m.activation = tanh_gelu
-            counts["gelu"] += 1
-    if safe_layernorm and "layernorm" in patches:
-        counts["layernorm"] = replace_layernorms(net)
-    return counts
-
-
-class _GpuPatches:
-    """Context: rfdetr's module-level sine embedding swapped for the GPU-clean one (restored on exit)."""
-
-    def __enter__(self):
-        import rfdetr.models.transformer as tr
-
-        self._tr, self._orig = tr, tr.gen_sineembed_for_position
-        tr.gen_sineembed_for_position = _sine_embed_gpu
-        return self
-
-    def __exit__(self, *exc):
-        self._tr.gen_sineembed_for_position = self._orig
-        return False
-
-
-def gpu_patches() -> _GpuPatches:
-    return _GpuPatches()
-
-
-def build_gpu_graphs(rf, resolution: Optional[int] = None, *, mask_slots: int = DEFAULT_MASK_SLOTS,
-                     safe_layernorm: bool = True, gpu_ops: bool = True, patches: Iterable[str] = ALL_PATCHES):
-    """(graph_a, graph_b, graph_c) nn.Modules over a GPU-patched export-mode copy of the rfdetr network.
-
-    * Graph A: NHWC image [1,R,R,3] → ``enc_logits`` [1,HW,C+1] (two-stage proposal class logits, every token),
-      ``enc_boxes`` [1,HW,4] (proposal boxes, cxcywh normalised, every token: the box MLP is token-pointwise, so
-      computing it for all tokens and gathering on the host equals rfdetr's gather-then-MLP), ``memory`` [1,HW,D].
-    * host (``postprocess.select_proposals``): score = max over classes, top-Q tokens, their boxes → ``ref_boxes``.
-    * Graph B: (memory, ref_boxes [1,Q,4]) → ``pred_boxes`` [1,Q,4], ``pred_logits`` [1,Q,C+1],
-      ``query_features`` [1,Q,D] (the decoder output after the mask head's query MLP and projection).
-    * host (``postprocess.select_mask_queries``): rfdetr's predict() selection → up to K query rows, zero-padded.
-    * Graph C: (memory, query_features [1,K,D]) → ``pred_masks`` [1,K,R/4,R/4] mask logits for those rows only.
-
-    ``gpu_ops=False`` keeps rfdetr's own ops (for checking the split alone against the one-graph model).
-    """
-    import torch
-    from torch import nn
-
-    from nailkit.model import export_module
-
-    mod = export_module(rf, resolution)
-    net = mod.inner
-    res = mod.resolution
-    if gpu_ops:
-        meta_counts = _patch_for_gpu(net, res, safe_layernorm=safe_layernorm, patches=patches)
-    else:
-        meta_counts = {}
-    tr = net.transformer
-    d = int(tr.d_model)
-    q = int(net.num_queries)
-    hw = res // int(rf.model_config.patch_size)
-    if not (tr.two_stage and net.bbox_reparam and tr.dec_layers > 0 and net.segmentation_head is not None):
-        raise NotImplementedError("GPU target: needs a two-stage, bbox-reparam, segmentation rfdetr model")
-    # image-independent proposal grid (rfdetr's gen_encoder_output_proposals, bbox_reparam: not unsigmoided)
-    ys, xs = torch.meshgrid(torch.arange(hw, dtype=torch.float32), torch.arange(hw, dtype=torch.float32),
-                            indexing="ij")
-    cxcy = (torch.stack([xs, ys], -1).reshape(1, hw * hw, 2) + 0.5) / hw
-    proposals = torch.cat([cxcy, torch.full_like(cxcy, 0.05)], -1)
-    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1)
-    if not bool(valid.all()):
-        raise NotImplementedError(f"GPU target: at {res} some proposals are invalid; the host would need the mask")
-
-    class NHWC(nn.Module):
-        def forward(self, x):
-            return x.permute(0, 3, 1, 2)
-
-    class GraphA(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = net.backbone
-            self.tr = tr
-            self.register_buffer("proposals", proposals, persistent=False)
-
-        def forward(self, image_nhwc):
-            x = image_nhwc.permute(0, 3, 1, 2)
-            srcs = self.backbone(x)[0]
-            memory = srcs[0].flatten(2).transpose(1, 2)  # [1, HW, D]
-            om = self.tr.enc_output_norm[0](self.tr.enc_output[0](memory))
-            enc_logits = self.tr.enc_out_class_embed[0](om)
-            delta = self.tr.enc_out_bbox_embed[0](om)
-            p = self.proposals
-            enc_boxes = torch.cat([delta[..., :2] * p[..., 2:] + p[..., :2], delta[..., 2:].exp() * p[..., 2:]], -1)
-            return enc_logits, enc_boxes, memory
-
-    class GraphB(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-            self.register_buffer("ss", torch.tensor([[hw, hw]], dtype=torch.long), persistent=False)
-            self.register_buffer("lsi", torch.tensor([0], dtype=torch.long), persistent=False)
-
-        def forward(self, memory, ref_boxes):
-            n = self.net
-            tgt = n.query_feat.weight[:q].unsqueeze(0)
-            rp = n.refpoint_embed.weight[:q].unsqueeze(0)
-            ref = torch.cat([rp[..., :2] * ref_boxes[..., 2:] + ref_boxes[..., :2],
-                             rp[..., 2:].exp() * ref_boxes[..., 2:]], -1)
-            hs, ref_out = n.transformer.decoder(tgt, memory, memory_key_padding_mask=None, pos=None,
-                                                refpoints_unsigmoid=ref, level_start_index=self.lsi,
-                                                spatial_shapes=self.ss, spatial_shapes_hw=[(hw, hw)],
-                                                valid_ratios=None)[:2]
-            delta = n.bbox_embed(hs)
-            boxes = torch.cat([delta[..., :2] * ref_out[..., 2:] + ref_out[..., :2],
-                               delta[..., 2:].exp() * ref_out[..., 2:]], -1)
-            logits = n.class_embed(hs)
-            sh = n.segmentation_head
-            qf = sh.query_features_proj(sh.query_features_block(hs))
-            return boxes, logits, qf
-
-    class GraphC(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.sh = net.segmentation_head
-
-        def forward(self, memory, query_features):
-            sh = self.sh
-            src = memory.transpose(1, 2).reshape(1, d, hw, hw)
-            t = res // sh.downsample_ratio
-            sf = torch.nn.functional.interpolate(src, size=(t, t), mode="bilinear", align_corners=False)
-            for blk in sh.blocks:
-                sf = blk(sf)
-            sf = sh.spatial_features_proj(sf)
-            k = query_features.shape[1]
-            masks = torch.matmul(query_features, sf.flatten(2)).reshape(1, k, t, t)
-            return masks + sh.bias
-
-    a, b, c = GraphA().eval(), GraphB().eval(), GraphC().eval()
-    meta = {"resolution": res, "num_queries": q, "hidden_dim": d, "tokens": hw * hw, "mask_slots": int(mask_slots),
-            "mask_size": res // int(net.segmentation_head.downsample_ratio),
-            "num_logits": int(net.class_embed.out_features), "patched": meta_counts}
-    for g in (a, b, c):
-        g.nailkit_meta = meta
-    return a, b, c
-
-
-def example_inputs(meta: dict[str, Any]):
-    """Example inputs (torch) for each graph, in the shapes the exported files take."""
-    import torch
-
-    r, d, t, q, k = meta["resolution"], meta["hidden_dim"], meta["tokens"], meta["num_queries"], meta["mask_slots"]
-    g = torch.Generator().manual_seed(0)
-    boxes = torch.rand(1, q, 4, generator=g) * 0.5 + 0.25
-    boxes[..., 2:] = 0.05
-    return {"graph_a": (torch.zeros(1, r, r, 3),),
-            "graph_b": (torch.randn(1, t, d, generator=g), boxes),
-            "graph_c": (torch.randn(1, t, d, generator=g), torch.randn(1, k, d, generator=g))}
-
-
-def run_split_torch(graphs, x_nhwc, *, num_select: int = 200, threshold: float = 0.5, mask_slots: Optional[int] = None):
-    """Graph A → host top-k → Graph B → host selection → Graph C in PyTorch. Returns numpy arrays."""
-    import torch
-
-    from nailkit.postprocess import select_mask_queries, select_proposals
-
-    a, b, c = graphs
-    meta = a.nailkit_meta
-    k = int(mask_slots or meta["mask_slots"])
-    with torch.no_grad(), gpu_patches():
-        enc_logits, enc_boxes, memory = a(torch.as_tensor(x_nhwc))
-        ref, idx = select_proposals(enc_logits.numpy()[0], enc_boxes.numpy()[0], meta["num_queries"])
-        boxes, logits, qf = b(memory, torch.from_numpy(ref[None]))
-        rows, qsel = select_mask_queries(logits.numpy()[0], qf.numpy()[0], num_select=num_select,
-                                         threshold=threshold, slots=k)
-        masks = c(memory, torch.from_numpy(rows[None]))
-    return {"enc_logits": enc_logits.numpy(), "enc_boxes": enc_boxes.numpy(), "memory": memory.numpy(),
-            "topk_indices": idx, "pred_boxes": boxes.numpy(), "pred_logits": logits.numpy(),
-            "query_features": qf.numpy(), "mask_queries": qsel, "pred_masks": masks.numpy()}
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # tiny probe models (hand-written flatbuffers): the checks above demonstrated in seconds, no converter needed
 # ----------------------------------------------------------------------------------------------------------------
@@ -998,6 +623,8 @@ def write_probe_model(path: str | os.PathLike[str], kind: str = "clean") -> Path
     * "clean": x[1,8,8,4] → ADD(const) → MUL(self) → out. Every op GPU-clean (1 subgraph, 2 ops).
     * "blocked": x → RESHAPE to 5-D → RESHAPE back → GATHER(axis 3, [0, 3]) → CAST to int32 → CAST to float → out;
       a 5-D tensor, a GATHER and a CAST to int: the GPU delegate refuses all but the last CAST.
+    * "rank2_const": x[24,32] → ADD(constant [24,32]) → out. Accepted and "fully accelerated" by the WebGPU
+      delegate, and computed wrong (``nailkit.tflite_passes``).
     """
     import flatbuffers
 
@@ -1031,8 +658,12 @@ def write_probe_model(path: str | os.PathLike[str], kind: str = "clean") -> Path
         o.builtinOptionsType, o.builtinOptions = opt_type, opt
         ops.append(o)
 
-    x = tensor("input", [1, 8, 8, 4])
-    if kind == "clean":
+    x = tensor("input", [24, 32] if kind == "rank2_const" else [1, 8, 8, 4])
+    if kind == "rank2_const":
+        c = tensor("table", [24, 32], data=np.linspace(-3, 3, 24 * 32, dtype=np.float32).reshape(24, 32))
+        out = tensor("output", [24, 32])
+        op(B.ADD, [x, c], [out], s.BuiltinOptions.AddOptions, s.AddOptionsT())
+    elif kind == "clean":
         c = tensor("bias", [1, 1, 1, 4], data=np.arange(4, dtype=np.float32))
         y = tensor("sum", [1, 8, 8, 4])
         out = tensor("output", [1, 8, 8, 4])
@@ -1053,7 +684,7 @@ def write_probe_model(path: str | os.PathLike[str], kind: str = "clean") -> Path
         op(B.CAST, [g], [ci], s.BuiltinOptions.CastOptions, _opts(s.CastOptionsT(), inDataType=f32, outDataType=i32))
         op(B.CAST, [ci], [out], s.BuiltinOptions.CastOptions, _opts(s.CastOptionsT(), inDataType=i32, outDataType=f32))
     else:
-        raise ValueError(f"kind must be 'clean' or 'blocked', not {kind!r}")
+        raise ValueError(f"kind must be 'clean', 'blocked' or 'rank2_const', not {kind!r}")
     sg = s.SubGraphT()
     sg.tensors, sg.inputs, sg.outputs, sg.operators, sg.name = tensors, [x], [out], ops, "main"
     m = s.ModelT()
@@ -1085,61 +716,20 @@ def _opts(obj, **kw):
     return obj
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# export (run in its own process: loads triton through litert_torch before anything imports tensorflow)
-# ----------------------------------------------------------------------------------------------------------------
 
-def export_gpu_graphs(checkpoint: str | os.PathLike[str] | None, out_dir: str | os.PathLike[str], *,
-                      resolution: Optional[int] = None, mask_slots: int = DEFAULT_MASK_SLOTS,
-                      class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Convert Graph A/B/C with litert-torch to ``out_dir/graph_{a,b,c}.tflite`` (fp32 weights; the GPU delegate
-    picks fp16 or fp32 at run time), op-check each, and embed nailkit metadata in each. Returns a summary."""
-    import time
+def _main(argv: list[str]) -> None:
+    if argv and argv[0] == "_verdict":
+        _child_verdict(*argv[1:])
+        return
+    if argv and argv[0] in ("verdict", "check"):
+        for p in argv[1:]:
+            print(op_check(p).line())
+            if argv[0] == "verdict":
+                for f32 in (False, True):
+                    print("  " + delegate_verdict(p, enforce_f32=f32).line())
+        return
+    raise SystemExit("usage: python -m nailkit.gpu verdict|check FILE.tflite ...")
 
-    from nailkit._imports import load_triton_first
 
-    load_triton_first()
-    import litert_torch
-    import torch
-
-    from nailkit import tflite_metadata as tm
-    from nailkit.model import load_model
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rf = load_model(checkpoint)
-    graphs = build_gpu_graphs(rf, resolution, mask_slots=mask_slots)
-    meta = graphs[0].nailkit_meta
-    ex = example_inputs(meta)
-    names = list(class_names or getattr(rf.model, "class_names", None) or [])
-    io_doc = {
-        "graph_a": ([("image", [1, meta["resolution"], meta["resolution"], 3])],
-                    [("enc_logits", "two-stage proposal class logits, every token"),
-                     ("enc_boxes", "proposal boxes cxcywh normalised, every token"),
-                     ("memory", "encoder memory, input of graphs B and C")]),
-        "graph_b": ([("memory", [1, meta["tokens"], meta["hidden_dim"]]), ("ref_boxes", [1, meta["num_queries"], 4])],
-                    [("pred_boxes", "cxcywh normalised"), ("pred_logits", "class logits, sigmoid per (query, class)"),
-                     ("query_features", "mask-head query features, rows for graph C")]),
-        "graph_c": ([("memory", [1, meta["tokens"], meta["hidden_dim"]]),
-                     ("query_features", [1, meta["mask_slots"], meta["hidden_dim"]])],
-                    [("pred_masks", f"mask logits at 1/4 resolution for the {meta['mask_slots']} slots")]),
-    }
-    host = {"graph_a->graph_b": "postprocess.select_proposals(enc_logits[0], enc_boxes[0], num_queries)",
-            "graph_b->graph_c": "postprocess.select_mask_queries(pred_logits[0], query_features[0], slots=K)",
-            "final": "postprocess.postprocess(RawOutputs(boxes, logits, masks[0], mask_queries=q), size)"}
-    summary: dict[str, Any] = {"meta": meta, "graphs": {}}
-    for name, g in zip(GRAPH_NAMES, graphs):
-        t0 = time.time()
-        path = out / f"{name}.tflite"
-        with torch.no_grad(), gpu_patches():
-            litert_torch.convert(g, ex[name]).export(str(path))
-        oc = op_check(path)
-        ins, outs = io_doc[name]
-        doc = tm.build_metadata(class_names=names, resolution=meta["resolution"],
-                                input_name=ins[0][0], outputs=[{"name": n, "meaning": m} for n, m in outs],
-                                graph={"name": name, "of": list(GRAPH_NAMES), "inputs": [list(i) for i in ins],
-                                       "host_steps": host, **meta},
-                                extra={"op_check": {"ok": oc.ok, "n_ops": oc.n_ops}})
-        tm.embed_metadata(path, doc, labels=names)
-        summary["graphs"][name] = {"path": str(path), "convert_s": time.time() - t0, "op_check": oc.summary()}
-    return summary
+if __name__ == "__main__":
+    _main(sys.argv[1:])

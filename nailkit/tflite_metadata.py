@@ -114,7 +114,6 @@ def embed_metadata(src: str | os.PathLike[str], metadata: dict[str, Any], dst: s
 
 
 def _with_metadata_entry(fb: bytes, name: str, payload: bytes) -> bytes:
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as s
 
     model = s.ModelT.InitFromObj(s.Model.GetRootAs(fb, 0))
@@ -133,15 +132,9 @@ def _with_metadata_entry(fb: bytes, name: str, payload: bytes) -> bytes:
     entry.buffer = len(model.buffers) - 1
     model.metadata.append(entry)
 
-    class AlignedBuilder(flatbuffers.Builder):
-        def StartVector(self, elemSize, numElems, alignment):  # noqa: N802 - flatbuffers' API
-            if elemSize == 1 and numElems >= 16:
-                alignment = max(alignment, 16)  # tensor data aligned as TFLite's converter does (force_align: 16)
-            return super().StartVector(elemSize, numElems, alignment)
+    from nailkit.tflite_passes import pack_model
 
-    b = AlignedBuilder(len(fb) + len(payload) + 1 << 16)
-    b.Finish(model.Pack(b), file_identifier=b"TFL3")
-    return bytes(b.Output())
+    return pack_model(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nailkit import gpu
+from nailkit import gpu, gpu_graphs
 
 GPU_REASON = gpu.gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU delegate check: {GPU_REASON}")
@@ -32,7 +32,7 @@ I0000 delegate_kernel.cc:984] Initializing WebGPU-based API from graph.
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
     d = tmp_path_factory.mktemp("probes")
-    return {k: gpu.write_probe_model(d / f"{k}.tflite", k) for k in ("clean", "blocked")}
+    return {k: gpu.write_probe_model(d / f"{k}.tflite", k) for k in ("clean", "blocked", "rank2_const")}
 
 
 def test_parse_delegate_log():
@@ -164,7 +164,7 @@ def test_tent_grid_sample_equals_grid_sample():
     loc = torch.rand(4, 20, 3, 2) * 1.2 - 0.1  # some samples outside the map: zero padding
     ref = torch.nn.functional.grid_sample(v, 2 * loc - 1, mode="bilinear", padding_mode="zeros",
                                           align_corners=False)
-    torch.testing.assert_close(gpu.tent_grid_sample(v, loc), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpu_graphs.tent_grid_sample(v, loc), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_window_partition_and_reverse_match_rfdetr_order():
@@ -174,14 +174,14 @@ def test_window_partition_and_reverse_match_rfdetr_order():
     ref = x.reshape(b * nwin, wh, nwin, ww, c).permute(0, 2, 1, 3, 4).reshape(b * nwin * nwin, wh * ww, c)
     got = x.reshape(b * nwin, wh, nwin, ww * c).permute(0, 2, 1, 3).reshape(b * nwin * nwin, wh * ww, c)
     torch.testing.assert_close(got, ref)  # the partition used in _windowed_embeddings_forward
-    torch.testing.assert_close(gpu._window_reverse(ref, b, nh, nw, nwin), x)
+    torch.testing.assert_close(gpu_graphs._window_reverse(ref, b, nh, nw, nwin), x)
 
 
 def test_sine_embed_equals_rfdetr():
     from rfdetr.models.transformer import gen_sineembed_for_position
 
     pos = torch.rand(1, 50, 4)
-    torch.testing.assert_close(gpu._sine_embed_gpu(pos, 128), gen_sineembed_for_position(pos, 128),
+    torch.testing.assert_close(gpu_graphs._sine_embed_gpu(pos, 128), gen_sineembed_for_position(pos, 128),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -199,10 +199,35 @@ def test_msda_gpu_forward_equals_rfdetr():
     with torch.no_grad():
         ref = m(q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
         m._nailkit_hw = (h, w)
-        got = gpu._msda_forward_gpu(m, q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
+        got = gpu_graphs._msda_forward_gpu(m, q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_tanh_gelu_close_to_gelu():
     x = torch.linspace(-6, 6, 1001)
-    assert (gpu.tanh_gelu(x) - torch.nn.functional.gelu(x)).abs().max() < 1e-3
+    assert (gpu_graphs.tanh_gelu(x) - torch.nn.functional.gelu(x)).abs().max() < 1e-3
+
+
+def test_op_check_flags_rank2_constant_binary_op(probes):
+    oc = gpu.op_check(probes["rank2_const"])
+    assert not oc.ok and not oc.banned and not oc.over_4d
+    assert oc.risky_constant_ops == [{"index": 0, "op": "ADD", "runtime_shape": [24, 32], "constant_shape": [24, 32]}]
+    assert "wrong on WebGPU" in oc.line()
+
+
+@needs_gpu
+def test_delegate_computes_rank2_constant_add_wrong_and_the_lift_fixes_it(probes, tmp_path, cpu_run):
+    """The defect behind nailkit.tflite_passes, on the real delegate: compiled, 'fully accelerated', and wrong."""
+    from nailkit.tflite_passes import lift_constant_binary_ops
+
+    x = np.random.default_rng(0).standard_normal((24, 32)).astype(np.float32)
+    want = x + np.linspace(-3, 3, 24 * 32, dtype=np.float32).reshape(24, 32)
+    np.testing.assert_array_equal(cpu_run(probes["rank2_const"], x), want)
+    bad = gpu.delegate_verdict(probes["rank2_const"], inputs={"input": x})
+    assert bad.compiled and bad.fully_accelerated and bad.ops_on_gpu == 1
+    assert np.abs(bad.outputs["output"] - want).max() > 1.0  # measured 5.76
+    fixed = tmp_path / "lifted.tflite"
+    assert lift_constant_binary_ops(probes["rank2_const"], fixed) == 1
+    good = gpu.delegate_verdict(fixed, inputs={"input": x})
+    assert good.ok and good.ops_on_gpu == good.ops_total == 3  # RESHAPE, ADD, RESHAPE
+    np.testing.assert_allclose(good.outputs["output"], want, atol=1e-6)

@@ -36,24 +36,39 @@ from preprocess import preprocess  # noqa: E402
 class BundleModel:
     """The bundle's .tflite with the pre/post-processing its model card prescribes."""
 
-    def __init__(self, bundle_dir: str | Path = HERE, threads: int | None = None) -> None:
+    def __init__(self, bundle_dir: str | Path = HERE, threads: int | None = None, accelerator: str = "cpu") -> None:
         self.dir = Path(bundle_dir)
         self.card = json.loads((self.dir / "model_card.json").read_text())
-        self.model = TFLiteModel(self.dir / self.card["model_file"], threads)
+        self.target = self.card.get("target", "cpu")
         spec = self.card["input"]
-        if list(self.model.input_shape) != list(spec["shape"]):
-            raise ValueError(f"{self.model.path}: input shape {list(self.model.input_shape)} does not match the model "
-                             f"card's {spec['shape']}")
-        self.layout = self.model.layout
-        self.resolution = self.model.resolution
+        if self.target == "gpu":  # three graphs + host steps (gpu_pipeline.py); accelerator "cpu" or "gpu"
+            from gpu_pipeline import SplitModel
+
+            self.model = SplitModel(self.dir, accelerator, threads=threads)
+            shape = [1, self.model.resolution, self.model.resolution, 3]
+            self.layout, self.resolution = "NHWC", self.model.resolution
+        else:
+            if accelerator != "cpu":
+                raise ValueError(f"{self.dir}: a CPU-target bundle; --accelerator gpu needs a --target gpu bundle")
+            self.model = TFLiteModel(self.dir / self.card["model_file"], threads)
+            shape = list(self.model.input_shape)
+            self.layout = self.model.layout
+            self.resolution = self.model.resolution
+        if shape != list(spec["shape"]):
+            raise ValueError(f"{self.dir}: the model's input shape {shape} does not match the model card's "
+                             f"{spec['shape']}")
         self.class_names = self.card["labels"]
         self.num_select = int(self.card["postprocess"]["num_select"])
 
-    def raw(self, image) -> tuple[RawOutputs, tuple[int, int]]:
-        """Raw outputs in the canonical layout (boxes [Q,4] cxcywh, logits [Q,C], mask logits [Q,h,w])."""
+    def raw(self, image, threshold: float | None = None) -> tuple[RawOutputs, tuple[int, int]]:
+        """Raw outputs in the canonical layout (boxes [Q,4] cxcywh, logits [Q,C], mask logits [Q,h,w]; the GPU
+        target computes masks only for queries scoring above ``threshold``, listed in ``raw.mask_queries``)."""
         x, size = preprocess(image, self.resolution)  # float32 NCHW, ImageNet-normalised
         if self.layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        if self.target == "gpu":
+            thr = self.card["postprocess"]["threshold"] if threshold is None else threshold
+            return self.model.raw(x, threshold=thr, num_select=self.num_select), size
         out = self.model.run(x)  # by meaning, dequantised, masks [1,Q,h,w]
         masks = out.get("pred_masks")
         raw = RawOutputs(boxes=out["pred_boxes"][0], logits=out["pred_logits"][0],
@@ -62,7 +77,7 @@ class BundleModel:
 
     def predict(self, image, threshold: float | None = None, mask_threshold: float | None = None) -> Prediction:
         pp = self.card["postprocess"]
-        raw, size = self.raw(image)
+        raw, size = self.raw(image, threshold)
         return postprocess(raw, size, threshold=pp["threshold"] if threshold is None else threshold,
                            num_select=self.num_select,
                            mask_threshold=pp["mask_threshold"] if mask_threshold is None else mask_threshold,
@@ -75,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=None, help="score threshold (default: the model card's)")
     p.add_argument("--mask-threshold", type=float, default=None, help="mask-logit threshold (default 0.0)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                   help="GPU-target bundles: run the graphs on LiteRT's GPU accelerator alone (default: CPU)")
     p.add_argument("--json", default=None, help="write the detections here as JSON")
     args = p.parse_args(argv)
-    model = BundleModel(threads=args.threads)
+    model = BundleModel(threads=args.threads, accelerator=args.accelerator)
     result = {}
     for im in args.images:
         pred = model.predict(im, args.threshold, args.mask_threshold)
