@@ -177,3 +177,55 @@ def plot_accuracy_vs_latency(ax, rows: Sequence[Mapping[str, Any]]) -> None:
     ax.set_ylabel("mask mAP50-95")
     ax.set_title("speed vs accuracy (marker: o fp32, s fp16, ^ int8; size: input resolution)")
     ax.grid(alpha=0.3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the GPU target (nailkit.gpu_graphs.verify_gpu_graphs / fp16_safety), notebook 04
+# ----------------------------------------------------------------------------------------------------------------
+
+def gpu_graph_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per graph: ops, op check, and the GPU delegate's verdict / run time per mode."""
+    rows = []
+    for g, oc in result["op_check"].items():
+        row: dict[str, Any] = {"graph": g, "ops": oc["n_ops"], "op check": "clean" if oc["ok"] else "BLOCKERS",
+                               "banned": ", ".join(f"{k}×{v}" for k, v in oc["banned"].items()) or "none",
+                               ">4-D tensors": oc["over_4d_count"]}
+        for mode, label in (("gpu", "default"), ("gpu_f32", "enforce_f32")):
+            m = result.get(mode)
+            if not m:
+                continue
+            fa = (m.get("fully_accelerated") or {}).get(g)
+            row[f"GPU ops ({label})"] = (m.get("ops_on_gpu") or {}).get(g)
+            row[f"fully accelerated ({label})"] = fa
+            ms = (m.get("run_ms") or {}).get(g)
+            row[f"SwiftShader ms ({label})"] = None if ms is None else round(ms)
+        rows.append(row)
+    return rows
+
+
+def gpu_parity_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The chain vs the one-graph PyTorch model: CPU interpreter, GPU default precision, GPU enforce_f32."""
+    rows = []
+    for mode, label in (("cpu", "CPU interpreter (XNNPACK)"), ("gpu", "GPU delegate, default precision"),
+                        ("gpu_f32", "GPU delegate, enforce_f32")):
+        p = (result.get(mode) or {}).get("parity")
+        if p:
+            rows.append({"run": label, "images": p["images"], "top-10 matched": p["matched_top10"],
+                         "min mask IoU": round(p["min_mask_iou"], 4), "mean min mask IoU":
+                         round(p["mean_min_mask_iou"], 4), "max score diff": float(f"{p['max_score_diff']:.2g}"),
+                         "max box diff (px)": round(p["max_box_l1_px"], 3)})
+    return rows
+
+
+def fp16_rows(safety: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """fp16 safety: the largest activations feeding LayerNorm / softmax, before and after SafeLayerNorm."""
+    rows = []
+    for label in ("before", "after"):
+        for g, d in safety[label].items():
+            rows.append({"LayerNorm": "rfdetr's" if label == "before" else "SafeLayerNorm", "graph": g,
+                         "max |x| into LayerNorm": round(d["layer_norm_max_abs_in"], 1),
+                         "max |x| where it reduces": round(d["layer_norm_max_abs_reduced"], 2),
+                         "max Σ(x−μ)² per row": float(f"{d['layer_norm_max_sumsq']:.3g}"),
+                         "max |x| into softmax": round(d["softmax_max_abs_in"], 1),
+                         "fp16 overflow sites": len(d["fp16_overflow_sites"])})
+    return rows

@@ -154,3 +154,58 @@ def test_cli_errors_are_one_line(tmp_path, demo_ckpt, capsys):
     assert len(err) == 1 and "not a folder" in err[0]
     assert main(["bundle", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def gpu_built(tmp_path_factory, outputs_dir):
+    from nailkit.data import sample_images
+
+    out = tmp_path_factory.mktemp("g") / "nail_gpu_bundle"
+    return bundle.make_bundle("", out, target="gpu", output_dir=outputs_dir, images=sample_images("all"),
+                              latency_runs=1)
+
+
+def test_gpu_bundle_contents(gpu_built):
+    from nailkit import tflite_metadata
+
+    names = sorted(p.name for p in gpu_built.iterdir())
+    assert names == ["README.md", "gpu_pipeline.py", "graph_a.tflite", "graph_b.tflite", "graph_c.tflite",
+                     "io_contract.py", "labels.txt", "model_card.json", "postprocess.py", "preprocess.py",
+                     "run_bundle.py"]
+    repo = Path(bundle.__file__).parent
+    for name in ("postprocess.py", "preprocess.py", "gpu_pipeline.py"):
+        assert (gpu_built / name).read_bytes() == (repo / name).read_bytes(), name
+    card = json.loads((gpu_built / "model_card.json").read_text())
+    assert card["target"] == "gpu" and card["labels"] == ["background", "Nail"]
+    assert card["input"]["shape"] == [1, 432, 432, 3] and card["num_queries"] == 200
+    assert [i["name"] for i in card["graphs"]["graph_b"]["inputs"]] == ["memory", "ref_boxes"]
+    assert card["parity_cpu_interpreter"]["matched"] == card["parity_cpu_interpreter"]["of"] == 60
+    for g in ("graph_a", "graph_b", "graph_c"):  # each file carries its own metadata
+        assert tflite_metadata.read_metadata(gpu_built / f"{g}.tflite")["graph"]["name"] == g
+    assert "select_proposals" in (gpu_built / "README.md").read_text()
+
+
+def test_gpu_bundle_runs_with_only_numpy_pillow_litert(gpu_built, tmp_path):
+    """The GPU bundle's host steps + CPU interpreter in an isolated interpreter equal nailkit's chain."""
+    from nailkit.data import sample_images
+    from nailkit.gpu_pipeline import SplitModel
+    from nailkit.postprocess import postprocess
+    from nailkit.preprocess import preprocess
+
+    app = tmp_path / "app_gpu_bundle"
+    shutil.copytree(gpu_built, app)
+    site = isolated_site(tmp_path)
+    photo = sample_images("synthetic")[0]
+    out_json = tmp_path / "det.json"
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(site), str(app / "run_bundle.py"),
+                           ",".join(BLOCKED), str(photo), "--threshold", "0.1", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(out_json.read_text())[str(photo)]
+    x, size = preprocess(photo, 432)
+    raw = SplitModel(app, "cpu").raw(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), threshold=0.1)
+    want = postprocess(raw, size, threshold=0.1, class_names=["background", "Nail"]).to_json()
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert (g["class_id"], g["query_index"], g["mask_area"]) == (w["class_id"], w["query_index"], w["mask_area"])
+        assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-6)

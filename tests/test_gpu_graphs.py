@@ -1,0 +1,73 @@
+"""The GPU target (nailkit.gpu_graphs + gpu_pipeline): the three graphs of the trained demo, converted once (cached
+under outputs/gpu/, shared with notebook 04 and the bundle test), op-clean, with named signatures and embedded
+metadata; the chain on the CPU interpreter equals the PyTorch graphs and the one-graph model. The GPU delegate's own
+run of these graphs is notebook 04's (minutes under SwiftShader); the delegate defect the pass fixes is tested on a
+probe in test_gpu.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nailkit import gates, gpu, gpu_graphs, tflite_metadata
+from nailkit.gpu_pipeline import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, SplitModel
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def art(outputs_dir):
+    return gpu_graphs.ensure_gpu_graphs("", outputs_dir)
+
+
+def test_graphs_are_gpu_clean_with_named_io(art):
+    from ai_edge_litert.interpreter import Interpreter
+
+    for g in GRAPH_NAMES:
+        oc = gpu.op_check(art["paths"][g])
+        assert oc.ok and not oc.banned and not oc.over_4d and not oc.risky_constant_ops, oc.line()
+        assert oc.int_tensors == 0 and "FLOOR_DIV" not in oc.histogram
+        sig = Interpreter(model_path=str(art["paths"][g])).get_signature_list()["serving_default"]
+        assert sorted(sig["inputs"]) == sorted(GRAPH_INPUTS[g]) and sorted(sig["outputs"]) == sorted(GRAPH_OUTPUTS[g])
+    assert art["meta"]["cpu_parity"]["matched"] == art["meta"]["cpu_parity"]["of"] > 0
+    assert not gates.check("gpu_target", art["meta"]["cpu_parity"])
+
+
+def test_metadata_embedded_and_readable_without_nailkit(art):
+    import json
+    import zipfile
+
+    for g in GRAPH_NAMES:
+        md = tflite_metadata.read_metadata(art["paths"][g])
+        assert md["class_names"] == ["background", "Nail"] and md["graph"]["name"] == g
+        assert [o["name"] for o in md["outputs"]] == list(GRAPH_OUTPUTS[g])
+        with zipfile.ZipFile(art["paths"][g]) as z:  # the appended zip: any zip reader
+            assert json.loads(z.read("nailkit.json"))["graph"]["host_steps"] == gpu_graphs.HOST_STEPS
+
+
+def test_cpu_chain_equals_torch_chain_and_masks_only_selected_rows(art, outputs_dir):
+    from nailkit.data import sample_images
+    from nailkit.model import load_model
+
+    rf = load_model(art["meta"]["checkpoint"])
+    torch_graphs = gpu_graphs.build_gpu_graphs(rf, 432)
+    split = SplitModel(art["dir"], "cpu")
+    assert (split.resolution, split.num_queries, split.mask_slots) == (432, 200, gpu_graphs.DEFAULT_MASK_SLOTS)
+    x = gpu_graphs._nhwc(sample_images("synthetic")[:1], 432)[0]
+    got = split.run(x, threshold=-1.0)
+    want = gpu_graphs.run_split_torch(torch_graphs, x, threshold=-1.0)
+    np.testing.assert_array_equal(got["topk_indices"], want["topk_indices"])
+    np.testing.assert_array_equal(got["mask_queries"], want["mask_queries"])
+    for k in ("pred_boxes", "pred_logits", "pred_masks"):
+        np.testing.assert_allclose(got[k], want[k], atol=2e-3, rtol=1e-3, err_msg=k)
+    assert got["pred_masks"].shape == (1, split.mask_slots, 108, 108) and len(got["mask_queries"]) == split.mask_slots
+    # at the app's threshold only the queries above it get a row; the rest of graph C's slots are zero input
+    at = split.run(x, threshold=0.5)
+    scores = 1 / (1 + np.exp(-at["pred_logits"][0]))
+    above = {int(q) for q in np.argwhere(scores > 0.5)[:, 0]}
+    assert set(at["mask_queries"].tolist()) <= above and len(at["mask_queries"]) == min(split.mask_slots, len(above))
+
+
+def test_missing_graph_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="graph_a.tflite"):
+        SplitModel(tmp_path)
