@@ -21,7 +21,12 @@ model itself), with the same results (exact in fp32 for finite inputs, shown by 
   stays on the default kernels) and ``onehot[k, j] = relu(1 - |j - idx_k|)`` is exactly 1 at ``j = idx_k`` and 0
   elsewhere, so ``onehot @ x`` picks rows exactly (one term x·1, all others 0·y);
 * the sine embedding uses ``dim_t`` computed eagerly by the same torch expression (a buffer), and
-  ``sin(a)·even + cos(a)·odd`` with constant 0/1 masks instead of slicing (x·1 + y·0 = x exactly).
+  ``sin(a)·even + cos(a)·odd`` with constant 0/1 masks instead of slicing (x·1 + y·0 = x exactly);
+* DINOv2's windowed embeddings repeat the [CLS] token per window with ``Tensor.repeat`` (a BROADCAST_TO that cut
+  the first 11 ops off into their own partition): concatenated copies instead.
+
+Measured on the trained demo (route B fp32, 432): 1598 of 1600 ops on XNNPACK in 2 partitions — only TOPK_V2 and the
+CAST of its indices stay on the default kernels (tent alone: 1605/1643 in 5; grid_sample: 1592/1935 in 13).
 
 Needs ``two_stage``, ``bbox_reparam`` (proposals not unsigmoided, so no ``inf`` enters the one-hot matmul) and one
 feature level with no padding mask — rfdetr's segmentation models as exported. ``nailkit.model.export_module(...,
@@ -125,6 +130,36 @@ def _forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
 
 
+@contextlib.contextmanager
+def _repeat_as_concat() -> Iterator[None]:
+    """``Tensor.repeat`` as concatenated copies (the same values): DINOv2's windowed embeddings repeat the
+    [CLS]+position token once per window, which lowers to a BROADCAST_TO that XNNPACK does not take and that cuts the
+    first partition off (a multiply by ones lowers to BROADCAST_TO too); CONCATENATION is delegated."""
+    orig = torch.Tensor.repeat
+
+    def repeat(self, *sizes):
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+            sizes = tuple(sizes[0])
+        if len(sizes) != self.dim() or any(int(r) < 1 for r in sizes):
+            return orig(self, *sizes)
+        out = self
+        for d, r in enumerate(sizes):
+            if int(r) > 1:
+                out = torch.cat([out] * int(r), dim=d)
+        return out
+
+    torch.Tensor.repeat = repeat
+    try:
+        yield
+    finally:
+        torch.Tensor.repeat = orig
+
+
+def _embeddings_forward(self, *args, **kwargs):
+    with _repeat_as_concat():
+        return type(self).forward(self, *args, **kwargs)
+
+
 def make_xnnpack_friendly(net: torch.nn.Module, resolution: int) -> torch.nn.Module:
     """Rewrite the export-mode network ``net`` (an rfdetr ``LWDETR`` after ``prepare_export_graph``) in place; see
     the module docstring. Runs one eager forward at ``resolution`` to record the proposal grid. Returns ``net``."""
@@ -164,6 +199,9 @@ def make_xnnpack_friendly(net: torch.nn.Module, resolution: int) -> torch.nn.Mod
     tr.register_buffer("_xnn_odd", (channel % 2 == 1).to(torch.float32).to(dev), persistent=False)
     tr._xnn_all_valid = bool((valid == 1).all())
     tr.forward = types.MethodType(_forward, tr)
+    for m in net.modules():  # DINOv2's windowed embeddings (the [CLS] token repeated per window)
+        if type(m).__name__.endswith("Embeddings") and hasattr(m, "cls_token"):
+            m.forward = types.MethodType(_embeddings_forward, m)
     return net
 
 

@@ -66,3 +66,15 @@ def test_refuses_a_transformer_it_does_not_know():
 
     with pytest.raises(ValueError, match="two-stage"):
         X.make_xnnpack_friendly(Net(), 432)
+
+
+def test_repeat_as_concat_is_repeat():
+    x = torch.randn(1, 1, 5)
+    orig = torch.Tensor.repeat
+    with X._repeat_as_concat():
+        assert torch.Tensor.repeat is not orig
+        a = x.repeat(4, 1, 1)
+        y = torch.randn(2, 3)
+        b = y.repeat(2, 3)
+    assert torch.equal(a, x.repeat(4, 1, 1)) and torch.equal(b, y.repeat(2, 3))
+    assert torch.Tensor.repeat is orig  # restored
