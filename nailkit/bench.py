@@ -820,6 +820,10 @@ CEILING_OF_PRECISION = {"fp32": "fp32", "fp16": "fp32", "int8": "dynamic_int8", 
                         "w8a8": "int8", "w8a16": "int8"}
 
 
+#: route B's static selective int8 precisions (``nailkit.tflite.STATIC_PRECISIONS``)
+STATIC_INT8 = ("w8a8", "w8a16")
+
+
 def ceiling_precision(spec: BackendSpec) -> str:
     """Which GEMM ceiling a backend is held against (PyTorch / ORT / TorchScript run fp32)."""
     if spec.kind.startswith("tflite"):
@@ -926,7 +930,8 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
                      precisions: Sequence[str] = ("fp32", "fp16", "int8"),
                      sweep_kinds: Sequence[str] = ("torch", "onnxruntime"),
                      convert_sweep_tflite: bool = False, detection_only: bool = True, torchscript: bool = True,
-                     tent_routes: Sequence[str] = (), mask_queries: Optional[int] = None,
+                     tent_routes: Sequence[str] = (), xnn_routes: Sequence[str] = (),
+                     mask_queries: Optional[int] = None,
                      mask_query_kinds: Sequence[str] = ("torch", "onnxruntime"), convert_variants: bool = False,
                      rf=None, log: Callable[[str], None] = print) -> tuple[list[BackendSpec], dict[str, Any]]:
     """Every backend of the benchmark, reusing artifacts earlier notebooks left in ``output_dir``.
@@ -938,7 +943,11 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
       only when ``convert_sweep_tflite``, ~2-3 min each on 2 cores) / tflite-onnx2tf (cached only);
     * detection-only: PyTorch and ORT without the segmentation head;
     * ``tent_routes``: the fp32 TFLite of each route with the gather-free tent sampler (``sampling="tent"``), named
-      ``tflite <route> fp32 tent``; ``mask_queries=N``: masks for the N best queries only, one row per
+      ``tflite <route> fp32 tent``; ``xnn_routes``: the same with the query selection and sine embedding kept on
+      XNNPACK too (``sampling="xnn"``, ``nailkit.xnnpack_friendly``), named ``tflite <route> fp32 xnn``;
+      route B's static int8 precisions (``w8a8``, ``w8a16`` in ``precisions``) are quantised from the cached fp32 file
+      when missing and ``convert_variants`` (``ensure_tflite``: ~1 min calibration + its parity run);
+      ``mask_queries=N``: masks for the N best queries only, one row per
       ``mask_query_kinds`` (torch, onnxruntime, tflite-litert, tflite-onnx2tf), named ``... mqN``. TFLite variants are
       converted (``ensure_tflite``) only when ``convert_variants`` and the route is litert (onnx2tf: cached only);
       the ONNX variant is exported and verified by ``ensure_onnx`` (cached).
@@ -984,9 +993,18 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
                                  meta={"route": "torchscript", "workaround": pt_meta.get("workaround")}))
         notes["torchscript"] = pt_meta
     specs.append(onnx_spec(base, "onnxruntime fp32"))
+    from nailkit.tflite import STATIC_PRECISIONS
+
     for route in tflite_routes:
         for prec in precisions:
+            if prec in STATIC_PRECISIONS and route != "litert":
+                continue  # static selective int8 is route B's (ai-edge-quantizer on the litert file)
             f = find_tflite(out, sha, route, prec, base)
+            if f is None and prec in STATIC_PRECISIONS and convert_variants:
+                from nailkit.tflite import ensure_tflite
+
+                log(f"quantising route B {prec} (static, calibrated on the train split) ...")
+                f, _ = ensure_tflite(ckpt, out, route="litert", precision=prec, resolution=base)
             if f is None:
                 notes["missing"].append(f"tflite {route} {prec} @{base}: not converted yet (notebook 04 / "
                                         f"`python -m nailkit convert`)")
@@ -1034,6 +1052,8 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
 
     for route in tent_routes:
         tflite_variant(route, f"tflite {route} fp32 tent", sampling="tent")
+    for route in xnn_routes:
+        tflite_variant(route, f"tflite {route} fp32 xnn", sampling="xnn")
     if mask_queries is not None:
         n = int(mask_queries)
         for kind in mask_query_kinds:
@@ -1251,8 +1271,12 @@ def speed_targets(res: BenchResult, coverage: Mapping[str, Mapping[str, Any]], *
                     "measured": (f"{best['backend']}: {cf:.0%} of the {best['ceiling']} ceiling "
                                  f"({ceil.get(best['ceiling'], float('nan')):.0f} GFLOP/s)") if cf else "no ceiling",
                     "met": bool(cf >= 0.70) if cf else None,
-                    "why": "dynamic-range int8 quantises activations at run time per op and runs every non-GEMM op "
-                           "(softmax, layer norm, GELU, sampling, mask upsampling) in fp32"})
+                    "why": ("static selective int8 runs only the backbone's linears/convs on int8 kernels; the "
+                            "decoder, heads, attention matmuls, layer norms, softmax, GELU and mask upsampling stay "
+                            "fp32, with QUANTIZE/DEQUANTIZE at every boundary"
+                            if best["precision"] in STATIC_INT8 else
+                            "dynamic-range int8 quantises activations at run time per op and runs every non-GEMM op "
+                            "(softmax, layer norm, GELU, sampling, mask upsampling) in fp32")})
 
     # 4. fp32 TFLite vs ORT
     fp32 = [r for r in rows if r["kind"] == "tflite" and r["precision"] == "fp32" and not r.get("mask_queries")

@@ -365,3 +365,20 @@ def test_speed_targets_state_each_target_with_its_measurement():
     mq = next(t for k, t in rows.items() if k.startswith("--mask-queries 20"))
     assert mq["met"] is False and "0.968×" in mq["measured"] and "11.2%" in mq["why"] and "9.4% left" in mq["why"]
     assert bench.table(list(rows.values()), bench.TARGET_COLUMNS).count("\n") == len(rows) + 1
+
+
+def test_static_int8_rows_are_held_against_the_int8_ceiling():
+    res = _fake_result()
+    res.specs["tflite"].resolution = 432
+    res.specs["tflite litert w8a8"] = BackendSpec("tflite litert w8a8", "tflite", "w.tflite", 432,
+                                                  meta={"route": "litert", "precision": "w8a8"})
+    res.latency[1]["tflite litert w8a8"] = LatencyStats("w", [100.0]).summary()
+    res.ceilings = {1: {"fp32": 100.0, "dynamic_int8": 400.0, "int8": 800.0}}
+    rows = {r["backend"]: r for r in res.rows(1)}
+    assert rows["tflite litert w8a8"]["ceiling"] == "int8"  # qs8 kernels: the full-int8 ceiling
+    assert bench.CEILING_OF_PRECISION["w8a16"] == "int8" and set(bench.STATIC_INT8) <= set(bench.CEILING_OF_PRECISION)
+    targets = bench.speed_targets(res, {}, cpu={"int8_dot": ["avx512_vnni"]})
+    best = next(t for t in targets if t["target"].startswith("best int8 TFLite"))
+    assert "tflite litert w8a8" in best["measured"]
+    ceil = next(t for t in targets if t["target"].startswith("best int8 file"))
+    assert "int8 ceiling" in ceil["measured"] and "static selective int8" in ceil["why"]
