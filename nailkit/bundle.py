@@ -338,7 +338,7 @@ def gpu_readme(card: dict[str, Any]) -> str:
 
 Three graphs for LiteRT's GPU delegate (every op on the GPU: no TopK/GATHER, no integer tensors, tensors ≤ 4-D),
 with the two small host steps between them in numpy. `model_card.json` is the machine-readable version of this page;
-each `.tflite` also carries its own metadata (`nailkit_metadata` entry and an appended zip with `nailkit.json`,
+each `.tflite` also carries its own metadata (`nailkit_metadata` entry and an appended zip with `nailkit_metadata.json`,
 `labels.txt`).
 
 | file | inputs | outputs | ops |

@@ -401,7 +401,7 @@ def run_split_torch(graphs, x_nhwc, *, num_select: int = 200, threshold: float =
 # ----------------------------------------------------------------------------------------------------------------
 
 #: bump when the graphs' construction changes, so cached files are rebuilt
-GPU_TARGET_VERSION = 4
+GPU_TARGET_VERSION = 5
 GPU_PACKAGES = ("torch", "rfdetr", "litert-torch", "ai-edge-litert")
 IO_MEANINGS = {
     "enc_logits": "two-stage proposal class logits for every encoder token [1,HW,C+1]",
@@ -446,7 +446,7 @@ def export_gpu_graphs(checkpoint: str | os.PathLike[str] | None, out_dir: str | 
     graphs = build_gpu_graphs(rf, resolution, mask_slots=mask_slots)
     meta = graphs[0].nailkit_meta
     ex = example_inputs(meta)
-    names = list(class_names or getattr(rf.model, "class_names", None) or getattr(rf, "class_names", None) or [])
+    names = list(class_names or getattr(rf, "class_names", None) or [])  # labels.txt order: class id i = line i
     summary: dict[str, Any] = {"meta": meta, "graphs": {}}
     for name, g in zip(GRAPH_NAMES, graphs):
         t0 = time.time()

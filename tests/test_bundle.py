@@ -176,7 +176,7 @@ def test_gpu_bundle_contents(gpu_built):
     for name in ("postprocess.py", "preprocess.py", "gpu_pipeline.py"):
         assert (gpu_built / name).read_bytes() == (repo / name).read_bytes(), name
     card = json.loads((gpu_built / "model_card.json").read_text())
-    assert card["target"] == "gpu" and card["labels"] == ["background", "Nail"]
+    assert card["target"] == "gpu" and (gpu_built / "labels.txt").read_text().splitlines() == card["labels"]
     assert card["input"]["shape"] == [1, 432, 432, 3] and card["num_queries"] == 200
     assert [i["name"] for i in card["graphs"]["graph_b"]["inputs"]] == ["memory", "ref_boxes"]
     assert card["parity_cpu_interpreter"]["matched"] == card["parity_cpu_interpreter"]["of"] == 60
@@ -204,8 +204,10 @@ def test_gpu_bundle_runs_with_only_numpy_pillow_litert(gpu_built, tmp_path):
     got = json.loads(out_json.read_text())[str(photo)]
     x, size = preprocess(photo, 432)
     raw = SplitModel(app, "cpu").raw(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), threshold=0.1)
-    want = postprocess(raw, size, threshold=0.1, class_names=["background", "Nail"]).to_json()
+    labels = (app / "labels.txt").read_text().splitlines()
+    want = postprocess(raw, size, threshold=0.1, class_names=labels).to_json()
     assert len(got) == len(want) > 0
     for g, w in zip(got, want):
         assert (g["class_id"], g["query_index"], g["mask_area"]) == (w["class_id"], w["query_index"], w["mask_area"])
+        assert g["class_name"] == w["class_name"]
         assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-6)

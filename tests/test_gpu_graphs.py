@@ -39,10 +39,11 @@ def test_metadata_embedded_and_readable_without_nailkit(art):
 
     for g in GRAPH_NAMES:
         md = tflite_metadata.read_metadata(art["paths"][g])
-        assert md["class_names"] == ["background", "Nail"] and md["graph"]["name"] == g
+        assert md["class_names"] == art["meta"]["class_names"] and md["graph"]["name"] == g  # the checkpoint's
         assert [o["name"] for o in md["outputs"]] == list(GRAPH_OUTPUTS[g])
         with zipfile.ZipFile(art["paths"][g]) as z:  # the appended zip: any zip reader
-            assert json.loads(z.read("nailkit.json"))["graph"]["host_steps"] == gpu_graphs.HOST_STEPS
+            assert json.loads(z.read(tflite_metadata.ZIP_MEMBER))["graph"]["host_steps"] == gpu_graphs.HOST_STEPS
+            assert z.read("labels.txt").decode().splitlines() == art["meta"]["class_names"]
 
 
 def test_cpu_chain_equals_torch_chain_and_masks_only_selected_rows(art, outputs_dir):
