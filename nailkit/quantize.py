@@ -356,6 +356,60 @@ def quantized_divisions(model_path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def quantizes_to_zero_point(values: Any, scale: float, zero_point: int, dtype: str = "int8") -> np.ndarray:
+    """Which of ``values`` (real numbers) land on ``zero_point`` when quantised with ``scale`` (round to nearest,
+    clamped to the type's range) — the divisor elements ``DIV_ZERO_CHECK`` refuses."""
+    info = np.iinfo(np.dtype(dtype))
+    q = np.clip(np.round(np.asarray(values, np.float64) / float(scale)) + int(zero_point), info.min, info.max)
+    return q == int(zero_point)
+
+
+def one_div_tflite(dtype: str = "int8", divisor_raw: Sequence[int] | None = None,
+                   divisor_zero_point: int | None = None, scale: float = 0.05) -> bytes:
+    """A one-operator .tflite, ``y = x [1,4] / divisor [4]`` (constant divisor), every tensor of ``dtype`` (int8 /
+    uint8 at ``scale``, or float32): the smallest file that shows ``DIV_ZERO_CHECK``. ``divisor_raw`` are the
+    divisor's stored integers (default 1, 2, 4, 0.5 at scale 0.05), ``divisor_zero_point`` its zero point."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    ttype = {"int8": fb.TensorType.INT8, "uint8": fb.TensorType.UINT8, "float32": fb.TensorType.FLOAT32}[dtype]
+    zp = 128 if dtype == "uint8" else 0
+    divisor = {"float32": np.array([1.0, 2.0, 4.0, 0.5], np.float32), "int8": np.array([20, 40, 80, 10], np.int8),
+               "uint8": np.array([148, 168, 208, 138], np.uint8)}[dtype]
+    if divisor_raw is not None:
+        divisor = np.asarray(divisor_raw, dtype=divisor.dtype)
+    buffers = [fb.BufferT(), fb.BufferT()]
+    b = fb.BufferT()
+    b.data = np.frombuffer(divisor.tobytes(), dtype=np.uint8)
+    buffers += [b, fb.BufferT()]
+
+    def tensor(name: str, shape: tuple[int, ...], buf: int, z: int = zp):
+        t = fb.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, list(shape), ttype, buf
+        if dtype != "float32":
+            q = fb.QuantizationParametersT()
+            q.scale, q.zeroPoint = [float(scale)], [int(z)]
+            t.quantization = q
+        return t
+
+    dz = zp if divisor_zero_point is None else int(divisor_zero_point)
+    tensors = [tensor("x", (1, 4), 1), tensor("divisor", (4,), 2, dz), tensor("y", (1, 4), 3)]
+    op = fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1], [2]
+    op.builtinOptionsType = fb.BuiltinOptions.DivOptions
+    op.builtinOptions = fb.DivOptionsT()
+    code = fb.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.DIV
+    code.version = 1 if dtype == "float32" else 2
+    sg = fb.SubGraphT()
+    sg.tensors, sg.inputs, sg.outputs, sg.operators, sg.name = tensors, [0], [2], [op], "main"
+    model = fb.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [sg], buffers
+    bld = flatbuffers.Builder(1024)
+    bld.Finish(model.Pack(bld), file_identifier=b"TFL3")
+    return bytes(bld.Output())
+
+
 def invoke_error(model_path: str | Path, x: np.ndarray | None = None) -> str | None:
     """The error LiteRT raises when ``model_path`` is invoked on ``x`` (zeros of the input's shape by default), or
     None when it runs (1 thread, default delegates)."""
@@ -371,3 +425,48 @@ def invoke_error(model_path: str | Path, x: np.ndarray | None = None) -> str | N
     except (RuntimeError, ValueError) as exc:
         return str(exc)
     return None
+
+
+def diagnose_full_int8(fp32_path: str | Path, calibration: Sequence[np.ndarray], dst: str | Path) -> dict[str, Any]:
+    """Quantise ``fp32_path`` with the ``full_int8`` recipe, invoke it on the first calibration input, and name the
+    node that fails: ``{"error", "node", "division" (its ``quantized_divisions`` row, when a DIV), "divisions" (all of
+    them), "quantized_ops", "seconds"}``. Needs ~9 GB RSS for the 432 model (``diagnose_full_int8_in_child``)."""
+    t0 = time.time()
+    res = quantize_tflite(fp32_path, "full_int8", calibration, dst)
+    err = invoke_error(dst, calibration[0])
+    divs = quantized_divisions(dst)
+    m = re.search(r"Node number (\d+) \((\w+)\) failed to invoke", err or "")
+    node = int(m.group(1)) if m else None
+    return {"error": err, "node": node, "op": m.group(2) if m else None,
+            "division": next((d for d in divs if d["node"] == node), None), "divisions": divs,
+            "quantized_ops": res.quantized_ops, "size_bytes": res.size_bytes, "seconds": time.time() - t0}
+
+
+def diagnose_full_int8_in_child(fp32_path: str | Path, calibration: np.ndarray, work: str | Path,
+                                log_path: str | Path | None = None, timeout: float = 1800.0) -> dict[str, Any]:
+    """``diagnose_full_int8`` in a child process (its memory is returned to the system when it ends);
+    ``calibration`` is an NHWC batch [n, R, R, 3]."""
+    from nailkit import subproc
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "calib.npy", np.asarray(calibration, np.float32))
+    return subproc.run_python(["-m", "nailkit.quantize", "diagnose-full-int8", str(fp32_path), str(work / "calib.npy"),
+                               str(work / "full_int8.tflite")], desc="full-int8 diagnosis", timeout=timeout,
+                              log_path=Path(log_path) if log_path else work / "diagnose_full_int8.log")
+
+
+def _main(argv: Sequence[str]) -> None:
+    from nailkit import subproc
+
+    if argv[0] == "diagnose-full-int8":
+        calib = np.load(argv[2])
+        subproc.emit(diagnose_full_int8(argv[1], [calib[i:i + 1] for i in range(len(calib))], argv[3]))
+    else:
+        raise SystemExit(f"unknown command {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

@@ -74,7 +74,7 @@ def sine_embedding(pos_tensor: Tensor, dim_t: Tensor, even: Tensor, odd: Tensor)
     raise ValueError(f"Unknown pos_tensor shape(-1):{pos_tensor.size(-1)}")
 
 
-def _dim_t(dim: int) -> Tensor:
+def sine_dim_t(dim: int) -> Tensor:
     """rfdetr's run-time ``dim_t``, evaluated eagerly by the same torch expression (bit-identical)."""
     dim_t = torch.arange(dim, dtype=torch.float32)
     return 10000 ** (2 * (dim_t // 2) / dim)
@@ -194,7 +194,7 @@ def make_xnnpack_friendly(net: torch.nn.Module, resolution: int) -> torch.nn.Mod
     channel = torch.arange(dim)
     tr.register_buffer("_xnn_proposals", props, persistent=False)
     tr.register_buffer("_xnn_valid", valid, persistent=False)
-    tr.register_buffer("_xnn_dim_t", _dim_t(dim).to(dev), persistent=False)
+    tr.register_buffer("_xnn_dim_t", sine_dim_t(dim).to(dev), persistent=False)
     tr.register_buffer("_xnn_even", (channel % 2 == 0).to(torch.float32).to(dev), persistent=False)
     tr.register_buffer("_xnn_odd", (channel % 2 == 1).to(torch.float32).to(dev), persistent=False)
     tr._xnn_all_valid = bool((valid == 1).all())

@@ -193,47 +193,7 @@ def test_split_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _div_tflite(dtype: str, divisor_raw=None, divisor_zero_point: int | None = None) -> bytes:
-    """One DIV: x [1,4] / constant [4] → y, all tensors of ``dtype`` (int8 / uint8 with scale 0.05, or float32)."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as fb
-
-    ttype = {"int8": fb.TensorType.INT8, "uint8": fb.TensorType.UINT8, "float32": fb.TensorType.FLOAT32}[dtype]
-    zp = 128 if dtype == "uint8" else 0
-    divisor = {"float32": np.array([1.0, 2.0, 4.0, 0.5], np.float32),
-               "int8": np.array([20, 40, 80, 10], np.int8),  # 1, 2, 4, 0.5 at scale 0.05
-               "uint8": np.array([148, 168, 208, 138], np.uint8)}[dtype]
-    if divisor_raw is not None:
-        divisor = np.asarray(divisor_raw, dtype=divisor.dtype)
-    buffers = [fb.BufferT(), fb.BufferT()]
-    b = fb.BufferT()
-    b.data = np.frombuffer(divisor.tobytes(), dtype=np.uint8)
-    buffers += [b, fb.BufferT()]
-
-    def tensor(name, shape, buf, z=zp):
-        t = fb.TensorT()
-        t.name, t.shape, t.type, t.buffer = name, list(shape), ttype, buf
-        if dtype != "float32":
-            q = fb.QuantizationParametersT()
-            q.scale, q.zeroPoint = [0.05], [z]
-            t.quantization = q
-        return t
-
-    dz = zp if divisor_zero_point is None else divisor_zero_point
-    tensors = [tensor("x", (1, 4), 1), tensor("divisor", (4,), 2, dz), tensor("y", (1, 4), 3)]
-    op = fb.OperatorT()
-    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1], [2]
-    op.builtinOptionsType = fb.BuiltinOptions.DivOptions
-    op.builtinOptions = fb.DivOptionsT()
-    code = fb.OperatorCodeT()
-    code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.DIV
-    code.version = 1 if dtype == "float32" else 2
-    sg = fb.SubGraphT()
-    sg.tensors, sg.inputs, sg.outputs, sg.operators, sg.name = tensors, [0], [2], [op], "main"
-    model = fb.ModelT()
-    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [sg], buffers
-    bld = flatbuffers.Builder(1024)
-    bld.Finish(model.Pack(bld), file_identifier=b"TFL3")
-    return bytes(bld.Output())
+    return Q.one_div_tflite(dtype, divisor_raw, divisor_zero_point)
 
 
 def test_int8_div_refuses_a_divisor_at_its_zero_point(tmp_path):
@@ -262,3 +222,13 @@ def test_int8_div_refuses_a_divisor_at_its_zero_point(tmp_path):
     assert row["divisor"]["dequantized_min"] <= 0.0 <= row["divisor"]["dequantized_max"] and row["divisor"]["constant"]
     # float DIV is not quantised: not listed
     assert Q.quantized_divisions(write("f.tflite", _div_tflite("float32"))) == []
+
+
+def test_quantizes_to_zero_point_finds_the_small_divisors():
+    # the sine embedding's dim_t (1 ... ~8660) at the scale a full-int8 calibration gives it (range [0, max]):
+    # every value below scale/2 lands on the zero point -128
+    dim_t = 10000 ** (2 * (np.arange(128) // 2) / 128)
+    scale = dim_t.max() / 255
+    at_zp = Q.quantizes_to_zero_point(dim_t, scale, -128)
+    assert at_zp[:2].all() and not at_zp[-1] and at_zp.sum() == int((dim_t < scale / 2).sum()) > 0
+    assert not Q.quantizes_to_zero_point([1.0, 2.0], 0.05, 0).any()

@@ -27,7 +27,7 @@ def test_sine_embedding_is_rfdetrs(components):
     pos = torch.rand(1, 200, components, generator=g) * 1.4 - 0.2
     dim = 128
     ch = torch.arange(dim)
-    ours = X.sine_embedding(pos, X._dim_t(dim), (ch % 2 == 0).float(), (ch % 2 == 1).float())
+    ours = X.sine_embedding(pos, X.sine_dim_t(dim), (ch % 2 == 0).float(), (ch % 2 == 1).float())
     assert torch.equal(ours, gen_sineembed_for_position(pos, dim))
 
 
