@@ -62,6 +62,10 @@ ONNX2TF_KWARGS = {"output_signaturedefs": True, "replace_to_pseudo_operators": [
 WORKER_TIMEOUT_S = 3600.0
 
 
+#: the schema of the metadata embedded in every converted file (``embed_file_metadata``); part of the cache key
+EMBEDDED_METADATA = 1
+
+
 class ConversionError(subproc.WorkerError):
     """A conversion worker failed, printed no result or timed out; the message names its log."""
 
@@ -429,6 +433,29 @@ class _Gate:
         return agg, fails
 
 
+def embed_file_metadata(path: str | os.PathLike[str], info: dict[str, Any], route: str, precision: str,
+                        resolution: int, options: dict[str, Any] | None = None) -> None:
+    """Write nailkit's metadata into a converted .tflite (``nailkit.tflite_metadata``: a ``nailkit_metadata``
+    flatbuffer entry + an appended zip with ``nailkit_metadata.json`` and ``labels.txt``): class names, input size,
+    layout and normalisation, each output's name, shape and meaning, the post-processing steps and version. Done
+    before the file is gated and hashed, so the published file and its sha256 are the ones with metadata."""
+    from nailkit import tflite_metadata as tm
+    from nailkit.bundle import OUTPUT_MEANINGS, POSTPROCESS_STEPS
+
+    model = TFLiteModel(path)
+    io = model.describe()
+    model.close()
+    outputs = [{"name": o["name"], "meaning": o["meaning"], "shape": [int(d) for d in o["shape"]],
+                "description": OUTPUT_MEANINGS[o["meaning"]][0], "format": OUTPUT_MEANINGS[o["meaning"]][1],
+                "values": OUTPUT_MEANINGS[o["meaning"]][2], **({"layout": o["layout"]} if o.get("layout") else {})}
+               for o in io["outputs"]]
+    doc = tm.build_metadata(class_names=info["class_names"], resolution=resolution, input_name=io["input"]["name"],
+                            layout=io["input"]["layout"], outputs=outputs, postprocess_steps=POSTPROCESS_STEPS,
+                            extra={"route": route, "precision": precision, "num_select": info["num_select"],
+                                   **(options or {})})
+    tm.embed_metadata(path, doc, labels=info["class_names"])
+
+
 def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
                   route: str = "onnx2tf", precision: str = "fp32", resolution: int | None = None, *,
                   also: tuple[str, ...] = (), force: bool = False, passes: tuple[str, ...] | None = None,
@@ -482,7 +509,7 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
     opts = export_options(sampling, mask_queries)
     mask_queries = opts.get("mask_queries")
     params: dict[str, Any] = {"route": route, "resolution": res, "selection_outputs": True, "input": "NHWC",
-                              "verified": bool(verify), **opts}
+                              "verified": bool(verify), "embedded_metadata": EMBEDDED_METADATA, **opts}
     if route == "onnx2tf":
         passes = tuple(ROUTE_A_PASSES if passes is None else passes)
         params.update(passes=list(passes), onnx2tf_kwargs=ONNX2TF_KWARGS)
@@ -554,6 +581,7 @@ def ensure_tflite(checkpoint: str | os.PathLike[str] | None, output_dir: str | o
         refused: dict[str, list[str]] = {}
         for prec, f in result["files"].items():
             check_tflite_file(f)
+            embed_file_metadata(f, info, route, prec, res, opts)
             meta = {"key": key, "route": route, "precision": prec, "resolution": res,
                     "class_names": info["class_names"], "num_select": info["num_select"], "input": "NHWC float32",
                     "outputs": list(ALL_OUTPUT_NAMES),
@@ -640,6 +668,7 @@ def _ensure_static(ckpt: Path, out_dir: Path, adir: Path, key: dict[str, Any], p
         metas: dict[str, dict[str, Any]] = {}
         for prec, f in result["files"].items():
             check_tflite_file(f)
+            embed_file_metadata(f, info, "litert", prec, res, {"static_recipe": STATIC_PRECISIONS[prec]})
             meta = {"key": key_of(prec), "route": "litert", "precision": prec, "resolution": res,
                     "class_names": info["class_names"], "num_select": info["num_select"], "input": "NHWC float32",
                     "outputs": list(ALL_OUTPUT_NAMES), "checkpoint": str(ckpt),

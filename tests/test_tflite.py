@@ -28,6 +28,14 @@ def _fake_worker(calls: list, tag: bytes = b"converted"):
     return worker
 
 
+@pytest.fixture()
+def fake_embed(monkeypatch):
+    """The fake workers write TFL3-looking bytes, not models: record the metadata step instead of parsing them."""
+    calls: list = []
+    monkeypatch.setattr(tflite, "embed_file_metadata", lambda path, *a, **k: calls.append(Path(path).name))
+    return calls
+
+
 def test_corrupt_tflite_is_refused(tmp_path: Path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"\x00" * 4 + b"NOPE" + b"\x00" * 200)
@@ -47,7 +55,7 @@ def test_truncated_tflite_is_refused(tmp_path: Path):
         tflite.TFLiteModel(p)
 
 
-def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_ckpt, monkeypatch):
+def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """The worker writes a partial file in its scratch dir and dies: nothing appears under the final name."""
     seen = {}
 
@@ -64,7 +72,7 @@ def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_
     assert list(tmp_path.rglob("*.tflite")) == []
 
 
-def test_tflite_edited_in_place_is_rederived_not_reused(tmp_path: Path, demo_ckpt, monkeypatch):
+def test_tflite_edited_in_place_is_rederived_not_reused(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """Same size, other bytes: the sidecar's content hash no longer matches, so the file is converted again."""
     calls: list = []
     monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
@@ -81,7 +89,7 @@ def test_tflite_edited_in_place_is_rederived_not_reused(tmp_path: Path, demo_ckp
     assert meta3["sha256"] == file_sha256(path, 64)
 
 
-def test_same_weights_under_another_name_hit_the_cache(tmp_path: Path, demo_ckpt, monkeypatch):
+def test_same_weights_under_another_name_hit_the_cache(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """torch.save writes the file name into the archive: other bytes, same content key, no second conversion."""
     import torch
 
@@ -96,7 +104,7 @@ def test_same_weights_under_another_name_hit_the_cache(tmp_path: Path, demo_ckpt
     assert len(calls) == 1
 
 
-def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path, demo_ckpt, monkeypatch):
+def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     calls: list = []
     monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
     path, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
@@ -113,7 +121,7 @@ def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path,
     assert not list((tmp_path / "tflite").rglob(".*.work"))  # staging removed
 
 
-def test_sampling_and_mask_queries_have_their_own_cache_entries(tmp_path: Path, demo_ckpt, monkeypatch):
+def test_sampling_and_mask_queries_have_their_own_cache_entries(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """A tent or top-N file is never served for a default request (nor the other way round); "grid" is the default."""
     calls: list = []
     monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
@@ -135,7 +143,7 @@ def test_sampling_and_mask_queries_have_their_own_cache_entries(tmp_path: Path, 
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, sampling="nearest")
 
 
-def test_a_refused_precision_is_remembered_not_reconverted(tmp_path: Path, demo_ckpt, monkeypatch):
+def test_a_refused_precision_is_remembered_not_reconverted(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """A gate failure leaves a refusal record keyed like the file: the next request raises at once (no worker), force
     converts again, and a file that then passes supersedes the record."""
     calls: list = []
@@ -284,6 +292,20 @@ def test_fp32_gates_and_cache(route, trained_ckpt, outputs_dir, refs2):
     assert meta["parity"]["images"] == 6  # gated before it was published
     agg = tflite.artifact_parity(path, module, refs, "fp32")["aggregate"]
     assert gates.check("tflite_fp32", agg) == [], agg
+    # nailkit's metadata is inside the published file (read back with the zip reader alone), and the sidecar's
+    # sha256 is that of the file with it
+    import json
+    import zipfile
+
+    from nailkit import tflite_metadata
+
+    with zipfile.ZipFile(path) as z:
+        doc = json.loads(z.read(tflite_metadata.ZIP_MEMBER))
+        assert z.read(tflite_metadata.LABELS_MEMBER).decode().splitlines() == meta["class_names"]
+    assert doc["input"]["shape"] == [1, 432, 432, 3] and doc["extra"]["route"] == route
+    assert {o["meaning"] for o in doc["outputs"]} >= {"pred_boxes", "pred_logits", "pred_masks"}
+    assert tflite_metadata.read_metadata_flatbuffer(path) == doc
+    assert meta["sha256"] == tflite.file_sha256(path, len(meta["sha256"]))
 
 
 @pytest.mark.slow
@@ -411,7 +433,7 @@ def _split(tmp_path, n=3, seed=0):
     return d
 
 
-def test_static_precisions_are_keyed_by_their_calibration_set(tmp_path: Path, demo_ckpt, monkeypatch):
+def test_static_precisions_are_keyed_by_their_calibration_set(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """w8a8/w8a16 come from the cached fp32 file; the calibration images' content is in their key (new images →
     re-quantised, fp32 reused); they are reported, not gated; route A has no static precision."""
     calls: list = []
