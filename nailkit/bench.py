@@ -1324,3 +1324,44 @@ def speed_targets(res: BenchResult, coverage: Mapping[str, Mapping[str, Any]], *
 
 TARGET_COLUMNS = (("target", "target", "s"), ("measured", "measured (this run)", "s"), ("met", "met", "s"),
                   ("why", "the measurement that says why", "s"))
+
+
+def static_int8_rows(res: BenchResult, coverage: Mapping[str, Mapping[str, Any]], *, threads: int = 1
+                     ) -> list[dict[str, Any]]:
+    """One row per route-B static int8 file of this run (``STATIC_INT8``): latency against ORT fp32 and against the
+    fp32 file of its route, the fraction of the int8 GEMM ceiling, size, calibration images, how many linears/convs
+    it quantised, the parity run's ratio to the dynamic-int8 rounding control (reported, not gated) and its XNNPACK
+    coverage (``coverage``: ``tflite.delegation_report`` per backend name)."""
+    from nailkit.artifacts import read_sidecar
+
+    rows = res.rows(threads)
+    out = []
+    for r in rows:
+        if r["kind"] != "tflite" or r["precision"] not in STATIC_INT8:
+            continue
+        meta = read_sidecar(res.specs[r["backend"]].path) or {}
+        fp32 = next((x for x in rows if x["kind"] == "tflite" and x["route"] == r["route"]
+                     and x["precision"] == "fp32" and x["sampling"] == "grid" and not x.get("mask_queries")
+                     and x["resolution"] == r["resolution"]), None)
+        q = ((meta.get("recipe") or {}).get("quantized_ops") or {})
+        cov = coverage.get(r["backend"], {})
+        out.append({"backend": r["backend"], "precision": r["precision"], "median_ms": r["median_ms"],
+                    "x_ort_fp32": r["x_ort_fp32"],
+                    "x_tflite_fp32": r["median_ms"] / fp32["median_ms"] if fp32 else None,
+                    "ceiling_fraction": r["ceiling_fraction"], "size_mb": r["size_mb"],
+                    "calibration_images": (meta.get("calibration") or {}).get("n"),
+                    "quantized_linears": sum(v for k, v in q.items() if k in ("FULLY_CONNECTED", "CONV_2D",
+                                                                              "DEPTHWISE_CONV_2D")),
+                    "control_ratio_max": (meta.get("parity") or {}).get("control_ratio_max"),
+                    "xnnpack_fraction": cov.get("xnnpack_fraction"),
+                    "xnnpack_partitions": cov.get("xnnpack_partitions")})
+    return out
+
+
+STATIC_INT8_COLUMNS = (("backend", "backend", "s"), ("median_ms", "median ms", ".0f"),
+                       ("x_ort_fp32", "× ORT fp32", ".2f"), ("x_tflite_fp32", "× its TFLite fp32", ".2f"),
+                       ("ceiling_fraction", "of the int8 ceiling", ".0%"), ("size_mb", "MB", ".1f"),
+                       ("calibration_images", "calibration images", "d"),
+                       ("quantized_linears", "int8 linears/convs", "d"),
+                       ("control_ratio_max", "error ÷ dynamic-int8 control (reported)", ".2f"),
+                       ("xnnpack_fraction", "on XNNPACK", ".1%"), ("xnnpack_partitions", "partitions", "d"))

@@ -382,3 +382,26 @@ def test_static_int8_rows_are_held_against_the_int8_ceiling():
     assert "tflite litert w8a8" in best["measured"]
     ceil = next(t for t in targets if t["target"].startswith("best int8 file"))
     assert "int8 ceiling" in ceil["measured"] and "static selective int8" in ceil["why"]
+
+
+def test_static_int8_rows_compare_with_the_routes_fp32_file(tmp_path):
+    import json as _json
+
+    res = _fake_result()
+    w = tmp_path / "model_w8a8.tflite"
+    w.write_bytes(b"x" * 1000)
+    (tmp_path / "model_w8a8.tflite.json").write_text(_json.dumps({
+        "calibration": {"n": 8}, "recipe": {"quantized_ops": {"FULLY_CONNECTED": 72, "CONV_2D": 9, "QUANTIZE": 57}},
+        "parity": {"control_ratio_max": 1.85}}))
+    res.specs["tflite litert w8a8"] = BackendSpec("tflite litert w8a8", "tflite", str(w), 432,
+                                                  meta={"route": "litert", "precision": "w8a8"})
+    res.specs["tflite litert fp32"] = BackendSpec("tflite litert fp32", "tflite", str(w), 432,
+                                                  meta={"route": "litert", "precision": "fp32"})
+    res.latency[1]["tflite litert w8a8"] = LatencyStats("w", [60.0]).summary()
+    res.latency[1]["tflite litert fp32"] = LatencyStats("f", [100.0]).summary()
+    rows = bench.static_int8_rows(res, {"tflite litert w8a8": {"xnnpack_fraction": 0.9, "xnnpack_partitions": 4}})
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["x_tflite_fp32"] == pytest.approx(0.6) and r["quantized_linears"] == 81 and r["calibration_images"] == 8
+    assert r["control_ratio_max"] == 1.85 and r["xnnpack_partitions"] == 4
+    assert bench.table(rows, bench.STATIC_INT8_COLUMNS).count("\n") == 2
