@@ -304,6 +304,16 @@ def accuracy_table(specs: Sequence[RowSpec], dataset_dir: str | os.PathLike[str]
     return rows
 
 
+#: route B's static selective int8 precisions are int8 files: the same accuracy bar as dynamic int8
+STATIC_INT8_PRECISIONS = ("w8a8", "w8a16")
+
+
+def accuracy_stage(precision: str) -> str:
+    """The ``nailkit.gates`` stage a file of ``precision`` is held to: ``accuracy_<precision>``; the static int8
+    precisions (``w8a8``, ``w8a16``) to ``accuracy_int8``."""
+    return "accuracy_int8" if precision in STATIC_INT8_PRECISIONS else f"accuracy_{precision}"
+
+
 def latency_ratios_from_benchmark(summary: dict[str, Any], threads: Optional[int] = None) -> dict[str, float]:
     """Latency ratio to ONNX Runtime fp32 per model file (PyTorch eager as 'torch@R'), from notebook 06's summary,
     at ``threads`` (default: the fewest threads it measured)."""

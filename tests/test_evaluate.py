@@ -141,3 +141,12 @@ def test_accuracy_gates_and_quality_bar():
     assert gates.check("quality_bar", good) == []
     bad = gates.check("quality_bar", dict(good, recall=0.5, max_score_on_nail_free_photos=0.7))
     assert len(bad) == 2 and "recall" in bad[0] and "nail-free" in bad[1]
+
+
+def test_static_int8_is_held_to_the_int8_accuracy_gate():
+    from nailkit import evaluate as ev, gates
+
+    assert ev.accuracy_stage("w8a8") == ev.accuracy_stage("w8a16") == "accuracy_int8"
+    assert ev.accuracy_stage("fp16") == "accuracy_fp16"
+    assert gates.check(ev.accuracy_stage("w8a8"), {"d_mask_map50_95_pt": -2.9}) == []
+    assert gates.check(ev.accuracy_stage("w8a8"), {"d_mask_map50_95_pt": -3.1})
