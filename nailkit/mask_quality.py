@@ -180,3 +180,45 @@ def prediction_quality(pred_masks: np.ndarray, gt_masks: np.ndarray, dilation_ra
             "boundary_f": float(arr[:, 1].mean()) if len(arr) else float("nan"),
             "mask_iou": float(arr[:, 2].mean()) if len(arr) else float("nan"), "n_gt": len(gt_masks),
             "n_pred": len(pred_masks)}
+
+
+def split_boundary_quality(dataset_dir: str | Any, runner: Any = None, *, split: str = "test",
+                           max_images: Optional[int] = None, threshold: float = 0.2,
+                           methods: Sequence[str] = ("nearest", "bilinear", "guided"),
+                           dilation_ratio: float = 0.02) -> dict[str, Any]:
+    """Boundary quality on a labelled COCO split (``nailkit.dataset``), two ways:
+
+    * ``"upsampling"``: ``upsampling_quality`` over every ground-truth nail — what each upsampling rule alone loses
+      from a perfect ¼-resolution mask (model-independent: the ceiling of the post-processing);
+    * ``"model"`` (when ``runner`` — any ``nailkit.runtime`` runner — is given): the runner's own masks at
+      ``threshold``, post-processed with "bilinear" and "guided", matched to the ground truth
+      (``prediction_quality``; an unmatched nail scores 0), means over images with nails.
+    """
+    from PIL import Image
+
+    from nailkit.dataset import instance_masks, load_split
+    from nailkit.postprocess import postprocess
+
+    sp = load_split(dataset_dir, split)
+    images = sp.coco["images"][:max_images] if max_images else sp.coco["images"]
+    items = []
+    model_rows: dict[str, list[dict[str, Any]]] = {m: [] for m in ("bilinear", "guided")}
+    for im in images:
+        gts = instance_masks(sp, im)
+        if not len(gts):
+            continue
+        rgb = np.asarray(Image.open(sp.folder / im["file_name"]).convert("RGB"))
+        items += [(rgb, g) for g in gts]
+        if runner is not None:
+            raw, size = runner.predict_raw(sp.folder / im["file_name"])
+            for m in model_rows:
+                pred = postprocess(raw, size, threshold=threshold, mask_upsample=m, image=rgb)
+                masks = pred.mask if pred.mask is not None and len(pred.mask) else np.zeros((0, *gts.shape[1:]), bool)
+                model_rows[m].append(prediction_quality(masks, gts, dilation_ratio))
+    out: dict[str, Any] = {"split": split, "images": len(images), "nails": len(items), "threshold": threshold,
+                           "upsampling": upsampling_quality(items, methods=methods, dilation_ratio=dilation_ratio)}
+    if runner is not None:
+        out["model"] = {m: {k: float(np.mean([r[k] for r in rows])) if rows else float("nan")
+                            for k in ("boundary_iou", "boundary_f", "mask_iou")} | {"images": len(rows)}
+                        for m, rows in model_rows.items()}
+    return out

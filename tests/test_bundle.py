@@ -210,4 +210,13 @@ def test_gpu_bundle_runs_with_only_numpy_pillow_litert(gpu_built, tmp_path):
     for g, w in zip(got, want):
         assert (g["class_id"], g["query_index"], g["mask_area"]) == (w["class_id"], w["query_index"], w["mask_area"])
         assert g["class_name"] == w["class_name"]
+    # the edge-aware mask option runs torch-free too: same detections, refined masks
+    guided_json = tmp_path / "guided.json"
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(site), str(app / "run_bundle.py"),
+                           ",".join(BLOCKED), str(photo), "--threshold", "0.1", "--mask-upsample", "guided",
+                           "--json", str(guided_json)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    guided = json.loads(guided_json.read_text())[str(photo)]
+    assert [(d["query_index"], d["xyxy"]) for d in guided] == [(d["query_index"], d["xyxy"]) for d in got]
+    assert any(d["mask_area"] != g["mask_area"] for d, g in zip(guided, got))
         assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-6)

@@ -68,3 +68,31 @@ def test_prediction_quality_matching():
     assert res["mask_iou"] == 1.0 and res["boundary_iou"] == 1.0 and res["n_gt"] == 2
     res = mq.prediction_quality(np.stack([g1]), np.stack([g1, g2]))
     assert res["mask_iou"] == 0.5
+
+
+def test_split_boundary_quality_oracle_runner_matches_the_upsampling_ceiling(tmp_path):
+    """A runner whose ¼-res mask logits are made from the ground truth scores what the upsampling alone scores."""
+    from nailkit.dataset import instance_masks, load_split, make_split
+    from nailkit.postprocess import RawOutputs
+
+    make_split(tmp_path, "test", 4, seed=3)
+    sp = load_split(tmp_path, "test")
+    by_name = {im["file_name"]: im for im in sp.coco["images"]}
+
+    class Oracle:
+        def predict_raw(self, path):
+            im = by_name[path.name]
+            gts = instance_masks(sp, im)
+            q = len(gts) + 1
+            masks = np.stack([mq.quarter_res_logits(g, 108) for g in gts] + [np.full((108, 108), -8.0, np.float32)])
+            logits = np.full((q, 3), -9.0, np.float32)
+            logits[:-1, 1] = 5.0  # every nail found, confidently
+            boxes = np.tile(np.array([[0.5, 0.5, 0.2, 0.2]], np.float32), (q, 1))
+            return RawOutputs(boxes=boxes, logits=logits, masks=masks), (im["width"], im["height"])
+
+    q = mq.split_boundary_quality(tmp_path, Oracle(), threshold=0.5)
+    assert q["nails"] > 0 and q["model"]["bilinear"]["images"] >= 1
+    up, model = q["upsampling"], q["model"]
+    assert model["bilinear"]["mask_iou"] == pytest.approx(up["bilinear"]["mask_iou"], abs=0.02)
+    assert model["bilinear"]["boundary_iou"] == pytest.approx(up["bilinear"]["boundary_iou"], abs=0.03)
+    assert up["bilinear"]["boundary_iou"] > up["nearest"]["boundary_iou"]

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from io_contract import TFLiteModel  # noqa: E402
 from postprocess import Prediction, RawOutputs, postprocess  # noqa: E402
-from preprocess import preprocess  # noqa: E402
+from preprocess import load_image, preprocess  # noqa: E402
 
 
 class BundleModel:
@@ -75,13 +75,18 @@ class BundleModel:
                          masks=None if masks is None else masks[0])
         return raw, size
 
-    def predict(self, image, threshold: float | None = None, mask_threshold: float | None = None) -> Prediction:
+    def predict(self, image, threshold: float | None = None, mask_threshold: float | None = None,
+                mask_upsample: str = "bilinear") -> Prediction:
+        """Detections at the original image size. ``mask_upsample``: "bilinear" (rfdetr's rule) or "guided" (then a
+        guided-filter refinement along the photo's edges: smoother nail boundaries for AR overlays)."""
         pp = self.card["postprocess"]
-        raw, size = self.raw(image, threshold)
+        rgb = load_image(image)
+        raw, size = self.raw(rgb, threshold)
         return postprocess(raw, size, threshold=pp["threshold"] if threshold is None else threshold,
                            num_select=self.num_select,
                            mask_threshold=pp["mask_threshold"] if mask_threshold is None else mask_threshold,
-                           class_names=self.class_names)
+                           class_names=self.class_names, mask_upsample=mask_upsample,
+                           image=rgb if mask_upsample == "guided" else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=None, help="score threshold (default: the model card's)")
     p.add_argument("--mask-threshold", type=float, default=None, help="mask-logit threshold (default 0.0)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mask-upsample", choices=["bilinear", "guided"], default="bilinear",
+                   help="bilinear: rfdetr's rule (default); guided: + edge-aware refinement (smoother AR edges)")
     p.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
                    help="GPU-target bundles: run the graphs on LiteRT's GPU accelerator alone (default: CPU)")
     p.add_argument("--json", default=None, help="write the detections here as JSON")
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     model = BundleModel(threads=args.threads, accelerator=args.accelerator)
     result = {}
     for im in args.images:
-        pred = model.predict(im, args.threshold, args.mask_threshold)
+        pred = model.predict(im, args.threshold, args.mask_threshold, args.mask_upsample)
         result[str(im)] = pred.to_json()
         print(f"{im}: {len(pred)} detections")
         for d in pred.to_json():
