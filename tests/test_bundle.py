@@ -69,6 +69,21 @@ if leaked:
 """
 
 
+def run_isolated(bundle_dir: Path, tmp_path: Path, photo: Path, *args: str) -> list[dict]:
+    """Copy the bundle to an 'app' folder, run its run_bundle.py on ``photo`` in a fresh interpreter that can import
+    numpy, Pillow and ai-edge-litert only, and return its detections (the --json output)."""
+    app = tmp_path / "app"
+    if not app.exists():
+        shutil.copytree(bundle_dir, app)
+    site = tmp_path / "site" if (tmp_path / "site").exists() else isolated_site(tmp_path)
+    out_json = tmp_path / f"det{len(list(tmp_path.glob('det*.json')))}.json"
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(site), str(app / "run_bundle.py"),
+                           ",".join(BLOCKED), str(photo), *args, "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out_json.read_text())[str(photo)]
+
+
 def test_bundle_contents(built, tflite_file):
     names = sorted(p.name for p in built.iterdir())
     assert names == ["README.md", "io_contract.py", "labels.txt", "model.tflite", "model_card.json", "postprocess.py",
@@ -102,17 +117,9 @@ def test_bundle_runs_with_only_numpy_pillow_litert(built, tmp_path):
     from nailkit.data import sample_images
     from nailkit.runtime import make_runner
 
-    app = tmp_path / "app_bundle"
-    shutil.copytree(built, app)
-    site = isolated_site(tmp_path)
     photo = sample_images("photos")[0]
-    out_json = tmp_path / "det.json"
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(site), str(app / "run_bundle.py"),
-                           ",".join(BLOCKED), str(photo), "--threshold", "0.0", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(out_json.read_text())[str(photo)]
-    ref = make_runner(str(app / "model.tflite"), backend="tflite").predict(photo, threshold=0.0, num_select=200)
+    got = run_isolated(built, tmp_path, photo, "--threshold", "0.0")
+    ref = make_runner(str(tmp_path / "app" / "model.tflite"), backend="tflite").predict(photo, threshold=0.0, num_select=200)
     ref.class_name = np.array([["background", "Nail"][c] if c < 2 else "__background__" for c in ref.class_id],
                               dtype=object)
     want = ref.to_json()
@@ -192,16 +199,9 @@ def test_gpu_bundle_runs_with_only_numpy_pillow_litert(gpu_built, tmp_path):
     from nailkit.postprocess import postprocess
     from nailkit.preprocess import preprocess
 
-    app = tmp_path / "app_gpu_bundle"
-    shutil.copytree(gpu_built, app)
-    site = isolated_site(tmp_path)
     photo = sample_images("synthetic")[0]
-    out_json = tmp_path / "det.json"
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(site), str(app / "run_bundle.py"),
-                           ",".join(BLOCKED), str(photo), "--threshold", "0.1", "--json", str(out_json)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(out_json.read_text())[str(photo)]
+    got = run_isolated(gpu_built, tmp_path, photo, "--threshold", "0.1")
+    app = tmp_path / "app"
     x, size = preprocess(photo, 432)
     raw = SplitModel(app, "cpu").raw(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), threshold=0.1)
     labels = (app / "labels.txt").read_text().splitlines()
@@ -210,13 +210,8 @@ def test_gpu_bundle_runs_with_only_numpy_pillow_litert(gpu_built, tmp_path):
     for g, w in zip(got, want):
         assert (g["class_id"], g["query_index"], g["mask_area"]) == (w["class_id"], w["query_index"], w["mask_area"])
         assert g["class_name"] == w["class_name"]
+        assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-6)
     # the edge-aware mask option runs torch-free too: same detections, refined masks
-    guided_json = tmp_path / "guided.json"
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", LAUNCHER, str(site), str(app / "run_bundle.py"),
-                           ",".join(BLOCKED), str(photo), "--threshold", "0.1", "--mask-upsample", "guided",
-                           "--json", str(guided_json)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    guided = json.loads(guided_json.read_text())[str(photo)]
+    guided = run_isolated(gpu_built, tmp_path, photo, "--threshold", "0.1", "--mask-upsample", "guided")
     assert [(d["query_index"], d["xyxy"]) for d in guided] == [(d["query_index"], d["xyxy"]) for d in got]
     assert any(d["mask_area"] != g["mask_area"] for d, g in zip(guided, got))
-        assert g["confidence"] == pytest.approx(w["confidence"], abs=1e-6)
