@@ -681,7 +681,8 @@ def fp16_safety(checkpoint: str | os.PathLike[str] | None, images: Optional[Sequ
     res = validate_resolution(rf, resolution)
     images = list(images) if images is not None else sample_images("all")
     xs = [torch.from_numpy(x) for x in _nhwc(images, res)]
-    keys = ("layer_norm_max_abs_in", "layer_norm_max_abs_reduced", "layer_norm_max_sumsq", "softmax_max_abs_in")
+    keys = ("layer_norm_max_abs_in", "layer_norm_max_abs_reduced", "layer_norm_max_sumsq", "softmax_max_abs_in",
+            "layer_norm_sites", "softmax_sites")
     out: dict[str, Any] = {"images": len(images)}
     for label, safe in (("before", False), ("after", True)):
         a, b, _ = build_gpu_graphs(rf, res, safe_layernorm=safe)

@@ -223,9 +223,12 @@ def fp16_rows(safety: Mapping[str, Any]) -> list[dict[str, Any]]:
     for label in ("before", "after"):
         for g, d in safety[label].items():
             rows.append({"LayerNorm": "rfdetr's" if label == "before" else "SafeLayerNorm", "graph": g,
-                         "max |x| into LayerNorm": round(d["layer_norm_max_abs_in"], 1),
-                         "max |x| where it reduces": round(d["layer_norm_max_abs_reduced"], 2),
+                         "LayerNorm sites": int(d.get("layer_norm_sites", 0)),
+                         "max abs(x) into LayerNorm": round(d["layer_norm_max_abs_in"], 1),
+                         "max abs(x) where it reduces": round(d["layer_norm_max_abs_reduced"], 2),
                          "max Σ(x−μ)² per row": float(f"{d['layer_norm_max_sumsq']:.3g}"),
-                         "max |x| into softmax": round(d["softmax_max_abs_in"], 1),
+                         # attention through SDPA (DINOv2) has no separate softmax to record: "–"
+                         "max abs(x) into softmax": round(d["softmax_max_abs_in"], 1) if d.get("softmax_sites")
+                         else None,
                          "fp16 overflow sites": len(d["fp16_overflow_sites"])})
     return rows
