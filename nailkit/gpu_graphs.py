@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from nailkit.gpu import op_check, replace_layernorms
+from nailkit.sampling import tent_grid_sample
 
 # ----------------------------------------------------------------------------------------------------------------
 # the GPU export target: Graph A (image → proposal scores/boxes + memory), host top-k, Graph B (decoder + heads),
@@ -39,26 +40,6 @@ def tanh_gelu(x):
     import torch
 
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-
-
-def tent_grid_sample(value, loc):
-    """Bilinear sampling (grid_sample, align_corners=False, zero padding) as a matmul with tent weights: no GATHER.
-
-    value [N,C,H,W]; loc [N,L,P,2] in [0,1] (x, y) → [N,C,L,P]. Every tensor stays ≤ 4-D.
-    """
-    import torch
-
-    n, c, h, w = value.shape
-    _, lq, p, _ = loc.shape
-    ix = (loc[..., 0] * w - 0.5).reshape(n, lq * p, 1)
-    iy = (loc[..., 1] * h - 0.5).reshape(n, lq * p, 1)
-    xs = torch.arange(w, dtype=value.dtype).reshape(1, 1, w)
-    ys = torch.arange(h, dtype=value.dtype).reshape(1, 1, h)
-    wx = torch.relu(1.0 - (ix - xs).abs())  # [N, LP, W]
-    wy = torch.relu(1.0 - (iy - ys).abs())  # [N, LP, H]
-    wm = (wy.unsqueeze(-1) * wx.unsqueeze(-2)).reshape(n, lq * p, h * w)
-    out = torch.matmul(value.reshape(n, c, h * w), wm.transpose(1, 2))  # [N, C, LP]
-    return out.reshape(n, c, lq, p)
 
 
 def _msda_forward_gpu(self, query, reference_points, input_flatten, input_spatial_shapes=None,
@@ -83,7 +64,7 @@ def _msda_forward_gpu(self, query, reference_points, input_flatten, input_spatia
         norm = torch.tensor([w, h], dtype=value.dtype).reshape(1, 1, 1, 2)
         loc = rxy + so / norm
     val = value.transpose(1, 2).reshape(bs * nh, hd, h, w)
-    sampled = tent_grid_sample(val, loc)  # [bs*nh, hd, lq, npnt]
+    sampled = tent_grid_sample(val, 2.0 * loc - 1.0)  # [bs*nh, hd, lq, npnt]: nailkit.sampling's tent matmul
     out = (sampled * aw).sum(-1).reshape(bs, dm, lq).transpose(1, 2)
     return self.output_proj(out)
 
@@ -180,7 +161,6 @@ def _patch_for_gpu(net, resolution: int, *, safe_layernorm: bool = True,
     """Instance-level GPU patches on an export-mode LWDETR copy. Returns what was patched."""
     import types
 
-    import torch
     from torch import nn
 
     class TanhGELU(nn.Module):
@@ -401,7 +381,7 @@ def run_split_torch(graphs, x_nhwc, *, num_select: int = 200, threshold: float =
 # ----------------------------------------------------------------------------------------------------------------
 
 #: bump when the graphs' construction changes, so cached files are rebuilt
-GPU_TARGET_VERSION = 5
+GPU_TARGET_VERSION = 6
 GPU_PACKAGES = ("torch", "rfdetr", "litert-torch", "ai-edge-litert")
 IO_MEANINGS = {
     "enc_logits": "two-stage proposal class logits for every encoder token [1,HW,C+1]",

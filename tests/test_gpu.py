@@ -158,15 +158,6 @@ def test_safe_layernorm_equals_layernorm_small_and_large_and_channels_first():
 # GPU-clean replacements equal rfdetr's ops
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_tent_grid_sample_equals_grid_sample():
-    torch.manual_seed(0)
-    v = torch.randn(4, 8, 9, 11)
-    loc = torch.rand(4, 20, 3, 2) * 1.2 - 0.1  # some samples outside the map: zero padding
-    ref = torch.nn.functional.grid_sample(v, 2 * loc - 1, mode="bilinear", padding_mode="zeros",
-                                          align_corners=False)
-    torch.testing.assert_close(gpu_graphs.tent_grid_sample(v, loc), ref, rtol=1e-5, atol=1e-5)
-
-
 def test_window_partition_and_reverse_match_rfdetr_order():
     b, nh, nw, c, nwin = 1, 6, 6, 5, 2
     x = torch.arange(b * nh * nw * c, dtype=torch.float32).reshape(b, nh, nw, c)
