@@ -8,6 +8,7 @@ real regexes without a multi-minute conversion.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +233,50 @@ def test_quantizes_to_zero_point_finds_the_small_divisors():
     at_zp = Q.quantizes_to_zero_point(dim_t, scale, -128)
     assert at_zp[:2].all() and not at_zp[-1] and at_zp.sum() == int((dim_t < scale / 2).sum()) > 0
     assert not Q.quantizes_to_zero_point([1.0, 2.0], 0.05, 0).any()
+
+
+def _with_external_buffers(model: bytes) -> bytes:
+    """The same model with every constant's data after the flatbuffer (Buffer.offset/size), as ai-edge-quantizer
+    writes large models."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    m = fb.ModelT.InitFromPackedBuf(model, 0)
+    big = [i for i, b in enumerate(m.buffers) if b.data is not None and len(b.data) > 0]
+    payload = {i: bytes(np.asarray(m.buffers[i].data, dtype=np.uint8)) for i in big}
+    for i in big:
+        m.buffers[i].data, m.buffers[i].offset, m.buffers[i].size = None, 1 << 40, len(payload[i])
+
+    def pack() -> bytes:
+        bld = flatbuffers.Builder(1024)
+        bld.Finish(m.Pack(bld), file_identifier=b"TFL3")
+        return bytes(bld.Output())
+
+    head = pack()
+    pos, tail = len(head) + (-len(head)) % 16, b""
+    for i in big:
+        m.buffers[i].offset = pos + len(tail)
+        tail += payload[i] + b"\0" * ((-len(payload[i])) % 16)
+    head2 = pack()
+    assert len(head2) == len(head)
+    return head2 + b"\0" * (pos - len(head2)) + tail
+
+
+def test_quantized_files_keep_their_tensor_data_inside_the_flatbuffer(tiny, tmp_path):
+    """ai-edge-quantizer appends the tensor data of large models after the flatbuffer (Buffer.offset); quantize_tflite
+    inlines it (inline_buffers), so the file can be re-serialised (embedded metadata) — and runs the same."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    ext = _with_external_buffers(tiny.read_bytes())
+    assert any((b.offset or 0) > 1 for b in fb.ModelT.InitFromPackedBuf(ext, 0).buffers)
+    ext_path, inl_path = tmp_path / "ext.tflite", tmp_path / "inl.tflite"
+    ext_path.write_bytes(ext)
+    inl = Q.inline_buffers(ext)
+    inl_path.write_bytes(inl)
+    assert not any((b.offset or 0) > 1 for b in fb.ModelT.InitFromPackedBuf(inl, 0).buffers)
+    assert Q.inline_buffers(inl) == inl  # nothing left to move
+    x = _calib(1)[0]
+    a, b, c = Q.run_once(tiny, x), Q.run_once(ext_path, x), Q.run_once(inl_path, x)
+    assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
+    res = Q.quantize_tflite(tiny, "backbone_w8a8", _calib(), tmp_path / "a.tflite")
+    assert not any((b.offset or 0) > 1 for b in fb.ModelT.InitFromPackedBuf(Path(res.path).read_bytes(), 0).buffers)
