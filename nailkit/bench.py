@@ -931,6 +931,7 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
                      sweep_kinds: Sequence[str] = ("torch", "onnxruntime"),
                      convert_sweep_tflite: bool = False, detection_only: bool = True, torchscript: bool = True,
                      tent_routes: Sequence[str] = (), xnn_routes: Sequence[str] = (),
+                     xnn_precisions: Sequence[str] = (),
                      mask_queries: Optional[int] = None,
                      mask_query_kinds: Sequence[str] = ("torch", "onnxruntime"), convert_variants: bool = False,
                      rf=None, log: Callable[[str], None] = print) -> tuple[list[BackendSpec], dict[str, Any]]:
@@ -944,7 +945,8 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
     * detection-only: PyTorch and ORT without the segmentation head;
     * ``tent_routes``: the fp32 TFLite of each route with the gather-free tent sampler (``sampling="tent"``), named
       ``tflite <route> fp32 tent``; ``xnn_routes``: the same with the query selection and sine embedding kept on
-      XNNPACK too (``sampling="xnn"``, ``nailkit.xnnpack_friendly``), named ``tflite <route> fp32 xnn``;
+      XNNPACK too (``sampling="xnn"``, ``nailkit.xnnpack_friendly``), named ``tflite <route> fp32 xnn``, and its
+      static int8 files for ``xnn_precisions`` (``w8a8``/``w8a16``, route B), named ``tflite litert w8a8 xnn``;
       route B's static int8 precisions (``w8a8``, ``w8a16`` in ``precisions``) are quantised from the cached fp32 file
       when missing and ``convert_variants`` (``ensure_tflite``: ~1 min calibration + its parity run);
       ``mask_queries=N``: masks for the N best queries only, one row per
@@ -1054,6 +1056,19 @@ def collect_backends(checkpoint: str | Path, output_dir: str | Path, *, resoluti
         tflite_variant(route, f"tflite {route} fp32 tent", sampling="tent")
     for route in xnn_routes:
         tflite_variant(route, f"tflite {route} fp32 xnn", sampling="xnn")
+        for prec in [p for p in xnn_precisions if p in STATIC_PRECISIONS and route == "litert"]:
+            # static int8 of the xnn graph: the int8 backbone and a decoder that stays on XNNPACK
+            f = find_tflite(out, sha, route, prec, base, sampling="xnn")
+            if f is None and convert_variants:
+                from nailkit.tflite import ensure_tflite
+
+                log(f"quantising route B {prec} of the xnn graph ...")
+                f, _ = ensure_tflite(ckpt, out, route="litert", precision=prec, resolution=base, sampling="xnn")
+            if f is None:
+                notes["missing"].append(f"tflite {route} {prec} xnn: not converted")
+                continue
+            specs.append(BackendSpec(f"tflite {route} {prec} xnn", "tflite", str(f), base,
+                                     meta={"route": route, "precision": prec, "sampling": "xnn"}))
     if mask_queries is not None:
         n = int(mask_queries)
         for kind in mask_query_kinds:
@@ -1341,7 +1356,7 @@ def static_int8_rows(res: BenchResult, coverage: Mapping[str, Mapping[str, Any]]
             continue
         meta = read_sidecar(res.specs[r["backend"]].path) or {}
         fp32 = next((x for x in rows if x["kind"] == "tflite" and x["route"] == r["route"]
-                     and x["precision"] == "fp32" and x["sampling"] == "grid" and not x.get("mask_queries")
+                     and x["precision"] == "fp32" and x["sampling"] == r["sampling"] and not x.get("mask_queries")
                      and x["resolution"] == r["resolution"]), None)
         q = ((meta.get("recipe") or {}).get("quantized_ops") or {})
         cov = coverage.get(r["backend"], {})

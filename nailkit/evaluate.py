@@ -246,12 +246,14 @@ class RowSpec:
 def accuracy_specs(checkpoint: str | os.PathLike[str], rf, out_dir: str | os.PathLike[str], *,
                    resolutions: Sequence[int], onnx: bool = True,
                    tflite: Optional[dict[str, Sequence[str]]] = None,
-                   tflite_resolutions: Optional[Sequence[int]] = None) -> list[RowSpec]:
+                   tflite_resolutions: Optional[Sequence[int]] = None,
+                   variants: Optional[dict[str, dict[str, Sequence[str]]]] = None) -> list[RowSpec]:
     """The rows to score, making (or reusing from the cache) each ONNX / TFLite file through the verified stages.
 
     PyTorch runs at every resolution; ONNX Runtime too (``onnx``); ``tflite`` maps a route to its precisions
     (default: both routes × fp32/fp16/int8), converted at ``tflite_resolutions`` (default: the model's own resolution
-    only — each extra one is a conversion)."""
+    only — each extra one is a conversion). ``variants`` maps an export option ``sampling`` value (e.g. ``"xnn"``) to
+    ``{route: precisions}``: those files too, as backend ``tflite-<route>-<sampling>``."""
     from nailkit.onnx_export import ensure_onnx
     from nailkit.tflite import ensure_tflite
 
@@ -268,6 +270,12 @@ def accuracy_specs(checkpoint: str | os.PathLike[str], rf, out_dir: str | os.Pat
             for prec in precisions:
                 path, _meta = ensure_tflite(checkpoint, out_dir, route=route, precision=prec, resolution=int(r))
                 specs.append(RowSpec(f"tflite-{route}", prec, int(r), str(path), str(path)))
+        for sampling, routes in (variants or {}).items():
+            for route, precisions in routes.items():
+                for prec in precisions:
+                    path, _meta = ensure_tflite(checkpoint, out_dir, route=route, precision=prec, resolution=int(r),
+                                                sampling=sampling)
+                    specs.append(RowSpec(f"tflite-{route}-{sampling}", prec, int(r), str(path), str(path)))
     return specs
 
 

@@ -28,22 +28,23 @@ QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     # GPU target: the three graphs (~2 min to convert and gate), then the GPU delegate on 1 image per precision mode
     # (SwiftShader runs graph A in ~40-60 s on 2 cores)
     "04_tflite_conversion": {"precisions_onnx2tf": "fp32,int8", "precisions_litert": "fp32", "gpu_images": 1},
-    "05_inference_testing": {"max_images": 2, "bench_runs": 1, "boundary_images": 10},
+    "05_inference_testing": {"max_images": 2, "bench_runs": 1},
     # CI: 3 rounds at 1 thread, one extra resolution, TFLite at 336 only if already converted, RSS for 3 backends;
     # issue 11: one extra route-B fp32 conversion (xnn = tent + the XNNPACK-friendly selection, ~1 min + its gate; the
     # tent-only file is full-parameter only), one static int8 recipe (w8a8: ~30 s calibration on 8 train images + its
     # ~2 min parity run; w8a16 runs on reference kernels, ~13 s/image: full parameters only), the top-20 row on
     # PyTorch + ORT only (one verified ONNX export), the time split with 1 round; the full-int8 DIV diagnosis on the
-    # one-DIV file only (on the model: ~1 min, ~9 GB RSS, full parameters)
+    # one-DIV file only (on the model: ~1 min, ~9 GB RSS, full parameters); static int8 of the xnn graph: full only
     "06_benchmark": {"runs": 3, "warmup": 1, "threads": "1", "resolutions": "432,336", "max_images": 3,
                      "sweep_backends": "torch,onnxruntime,tflite-litert", "convert_sweep_tflite": False,
                      "memory": "pytorch eager,onnxruntime fp32,tflite litert fp32", "tent_routes": "",
                      "xnn_routes": "litert", "precisions": "fp32,fp16,int8,w8a8", "diagnose_full_int8": False,
+                     "xnn_static": False,
                      "mask_queries": 20, "mask_query_backends": "torch,onnxruntime", "convert_variants": True,
                      "time_split_runs": 1},
     # CI: 30 test images; PyTorch + ORT at 432 and 336 (06 left both), the TFLite files 04 made
     "07_accuracy": {"max_images": 30, "resolutions": "432,336", "onnx2tf_precisions": "fp32,int8",
-                    "litert_precisions": "fp32,w8a8"},
+                    "litert_precisions": "fp32,w8a8", "litert_xnn_precisions": "fp32"},
 }
 
 
