@@ -28,7 +28,7 @@ QUICK_PARAMETERS: dict[str, dict[str, Any]] = {
     # GPU target: the three graphs (~2 min to convert and gate), then the GPU delegate on 1 image per precision mode
     # (SwiftShader runs graph A in ~40-60 s on 2 cores)
     "04_tflite_conversion": {"precisions_onnx2tf": "fp32,int8", "precisions_litert": "fp32", "gpu_images": 1},
-    "05_inference_testing": {"max_images": 2, "bench_runs": 1},
+    "05_inference_testing": {"max_images": 2, "bench_runs": 1, "boundary_images": 10},
     # CI: 3 rounds at 1 thread, one extra resolution, TFLite at 336 only if already converted, RSS for 3 backends;
     # issue 11: one extra route-B fp32 conversion (xnn = tent + the XNNPACK-friendly selection, ~1 min + its gate; the
     # tent-only file is full-parameter only), one static int8 recipe (w8a8: ~30 s calibration on 8 train images + its
