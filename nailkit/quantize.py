@@ -252,8 +252,9 @@ def quantize_tflite(fp32_path: str | Path, recipe_name: str, calibration: Sequen
 
 def layer_snr(qt: Any, fp32_path: str | Path, test_inputs: Sequence[np.ndarray], num_threads: int = 2
               ) -> list[dict[str, Any]]:
-    """Per-tensor SNR (dB) and MSE of the quantised model against the float one (ai-edge-quantizer ``validate``),
-    lowest SNR first. Each row: tensor name, snr_db, mse."""
+    """Per-tensor SNR and MSE of the quantised model against the float one (ai-edge-quantizer ``validate``), lowest
+    SNR first. Each row: tensor name, ``snr`` (ai-edge-quantizer's power ratio mean(x²)/mse), ``snr_db``
+    (10·log10 of it), ``mse``. The error is accumulated: a tensor's SNR includes every quantised layer upstream."""
     from ai_edge_quantizer.utils.validation_utils import ValidationErrorMetric
 
     res = qt.validate(signature_data(fp32_path, test_inputs), error_metrics=[ValidationErrorMetric.SNR,
@@ -261,7 +262,10 @@ def layer_snr(qt: Any, fp32_path: str | Path, test_inputs: Sequence[np.ndarray],
                       num_threads=num_threads)
     rows = []
     for name, metrics in res.get_all_tensor_results().items():
-        rows.append({"tensor": name, **{str(k).lower(): float(v) for k, v in dict(metrics).items()}})
+        row = {"tensor": name, **{str(k).lower(): float(v) for k, v in dict(metrics).items()}}
+        if "snr" in row:  # ai-edge-quantizer's SNR is a power ratio (mean(x²) / mse), not dB
+            row["snr_db"] = float(10.0 * np.log10(max(row["snr"], 1e-30)))
+        rows.append(row)
     rows.sort(key=lambda r: r.get("snr", float("inf")))
     return rows
 
@@ -274,7 +278,13 @@ def snr_guided_recipe(snr_rows: Sequence[dict[str, Any]], snr_db: float = 20.0, 
     ops that recipe quantised (only those can be excluded). Returns (recipe, excluded tensor names).
     """
     qset = set(quantized_tensors)
-    low = [r["tensor"] for r in snr_rows if r.get("snr", float("inf")) < snr_db and (not qset or r["tensor"] in qset)]
+
+    def db(r: dict[str, Any]) -> float:
+        if "snr_db" in r:
+            return float(r["snr_db"])
+        return float(10.0 * np.log10(max(r["snr"], 1e-30))) if "snr" in r else float("inf")
+
+    low = [r["tensor"] for r in snr_rows if db(r) < snr_db and (not qset or r["tensor"] in qset)]
     return build_recipe("snr_guided", exclude_tensors=low), low
 
 

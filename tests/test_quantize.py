@@ -134,6 +134,16 @@ def test_layer_snr_and_snr_guided_exclusion(tiny, tmp_path):
     rows = Q.layer_snr(qt, tiny, _calib(2))
     by = {r["tensor"]: r for r in rows}
     assert BACKBONE_T in by and np.isfinite(by[BACKBONE_T]["snr"]) and by[BACKBONE_T]["snr"] > 10
+    # ai-edge-quantizer's SNR is a power ratio; snr_db is 10·log10 of it (what snr_guided_recipe's threshold means)
+    assert by[BACKBONE_T]["snr_db"] == pytest.approx(10 * np.log10(by[BACKBONE_T]["snr"]))
+    recipe, excluded = Q.snr_guided_recipe(rows, snr_db=by[BACKBONE_T]["snr_db"] + 0.01,
+                                           quantized_tensors=[BACKBONE_T])
+    assert excluded == [BACKBONE_T]
+    recipe, excluded = Q.snr_guided_recipe(rows, snr_db=by[BACKBONE_T]["snr_db"] - 0.01,
+                                           quantized_tensors=[BACKBONE_T])
+    assert excluded == []
+    assert Q.snr_guided_recipe([{"tensor": "t", "snr": 100.0}], snr_db=20.5, quantized_tensors=["t"])[1] == ["t"]
+    assert Q.snr_guided_recipe([{"tensor": "t", "snr": 100.0}], snr_db=19.5, quantized_tensors=["t"])[1] == []
     assert [r.get("snr") for r in rows] == sorted(r.get("snr") for r in rows)
     assert Q.quantized_output_tensors(res.path) == [BACKBONE_T]
     # a threshold above every SNR excludes the quantised layer → nothing left in int8
