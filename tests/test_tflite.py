@@ -104,17 +104,23 @@ def test_same_weights_under_another_name_hit_the_cache(tmp_path: Path, demo_ckpt
     assert len(calls) == 1
 
 
+def _failing_gate(seen: list, metrics: dict, failure: str):
+    """A stand-in for the parity gate that refuses every file (records the paths it saw)."""
+
+    def gate(self, p, precision):
+        seen.append(p)
+        return metrics, [failure]
+
+    return gate
+
+
 def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     calls: list = []
     monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
     path, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
-    refused = []
-
-    def failing_gate(self, p, precision):
-        refused.append(p)
-        return {"pre_topk_max_abs": 1.0}, ["pre-TopK max-abs 1.00e+00 > 1e-04"]
-
-    monkeypatch.setattr(tflite._Gate, "__call__", failing_gate)
+    refused: list = []
+    monkeypatch.setattr(tflite._Gate, "__call__", _failing_gate(refused, {"pre_topk_max_abs": 1.0},
+                                                                "pre-TopK max-abs 1.00e+00 > 1e-04"))
     with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
     assert len(calls) == 2 and refused and not refused[0].exists()  # converted again, gated, discarded
@@ -148,13 +154,9 @@ def test_a_refused_precision_is_remembered_not_reconverted(tmp_path: Path, demo_
     converts again, and a file that then passes supersedes the record."""
     calls: list = []
     monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
-    gated = []
-
-    def failing_gate(self, p, precision):
-        gated.append(p)
-        return {"control_ratio_max": 2.1}, ["converter error 2.10x the rounding control's (> 1.5x)"]
-
-    monkeypatch.setattr(tflite._Gate, "__call__", failing_gate)
+    gated: list = []
+    monkeypatch.setattr(tflite._Gate, "__call__", _failing_gate(gated, {"control_ratio_max": 2.1},
+                                                                "converter error 2.10x the rounding control's (> 1.5x)"))
     with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
     assert len(calls) == 1 and len(gated) == 1
