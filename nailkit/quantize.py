@@ -202,27 +202,6 @@ def calibrate(fp32_path: str | Path, recipe_name: str, calibration: Sequence[np.
     return calib
 
 
-def inline_buffers(model: bytes) -> bytes:
-    """The same .tflite with every buffer stored inside the flatbuffer. ai-edge-quantizer writes the tensor data of
-    its output after the flatbuffer (``Buffer.offset``/``size``); tools that re-serialise a model through the schema's
-    object API (e.g. ``nailkit.tflite_metadata``) cannot keep such data. Models under 2 GB only."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as fb
-
-    m = fb.ModelT.InitFromPackedBuf(model, 0)
-    moved = 0
-    for b in m.buffers or []:
-        if (b.offset or 0) > 1:
-            b.data = np.frombuffer(model[b.offset:b.offset + b.size], dtype=np.uint8)
-            b.offset, b.size = 0, 0
-            moved += 1
-    if not moved:
-        return model
-    bld = flatbuffers.Builder(len(model) + 1024)
-    bld.Finish(m.Pack(bld), file_identifier=b"TFL3")
-    return bytes(bld.Output())
-
-
 def quantize_tflite(fp32_path: str | Path, recipe_name: str, calibration: Sequence[np.ndarray], dst: str | Path, *,
                     recipe: Any = None, return_quantizer: bool = False, num_threads: int = 2,
                     calibration_result: dict[str, Any] | None = None):
@@ -238,6 +217,8 @@ def quantize_tflite(fp32_path: str | Path, recipe_name: str, calibration: Sequen
     elif qt.need_calibration:
         calib = calibrate(fp32_path, recipe_name, calibration, recipe=rcp, num_threads=num_threads)
     res = qt.quantize(calib, enable_progress_report=False)
+    from nailkit.tflite_passes import inline_buffers
+
     data = inline_buffers(bytes(res.quantized_model))
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -267,7 +267,7 @@ def _quantize_litert(fp32: Path, precision: str, dst: Path) -> Path:
         raise ValueError(f"route litert: no quantization recipe for {precision!r}")
     qt = quantizer.Quantizer(str(fp32), rcp)
     res = qt.quantize(enable_progress_report=False)
-    from nailkit.quantize import inline_buffers
+    from nailkit.tflite_passes import inline_buffers
 
     dst.write_bytes(inline_buffers(bytes(res.quantized_model)))  # tensor data inside the flatbuffer (metadata)
     return dst

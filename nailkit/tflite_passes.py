@@ -2,7 +2,8 @@
 re-serialises a model.
 
 * ``pack_model(model)`` — a ``schema_py_generated.ModelT`` → bytes, tensor data 16-byte aligned as TFLite's own
-  converter writes it (``tflite_metadata`` uses it too).
+  converter writes it (``tflite_metadata`` uses it too); ``inline_buffers`` moves tensor data that
+  ai-edge-quantizer wrote after the flatbuffer into it, so such files can be re-serialised.
 * ``lift_constant_binary_ops(path)`` — the GPU target's fix for a LiteRT WebGPU delegate defect found here: an
   elementwise binary op (ADD, SUB, MUL, DIV, …) between a **rank-2 runtime tensor** and a **non-broadcast constant**
   (not a scalar, not per-channel) runs, compiles as "fully accelerated", and returns wrong numbers. Measured under
@@ -46,6 +47,21 @@ def pack_model(model: Any) -> bytes:
     b = AlignedBuilder(size + (1 << 20))
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
     return bytes(b.Output())
+
+
+def inline_buffers(model: bytes) -> bytes:
+    """The same .tflite with every buffer stored inside the flatbuffer. ai-edge-quantizer writes the tensor data of
+    its output after the flatbuffer (``Buffer.offset``/``size``); re-serialising through the schema's object API
+    (``pack_model``: the metadata embedding, the passes here) cannot keep such data. Models under 2 GB only."""
+    s = _schema()
+    m = s.ModelT.InitFromPackedBuf(model, 0)
+    moved = 0
+    for b in m.buffers or []:
+        if (b.offset or 0) > 1:
+            b.data = np.frombuffer(model[b.offset:b.offset + b.size], dtype=np.uint8)
+            b.offset, b.size = 0, 0
+            moved += 1
+    return pack_model(m) if moved else model
 
 
 def load_model_t(path: str | os.PathLike[str]) -> Any:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nailkit import quantize as Q
+from nailkit import tflite_passes
 
 BACKBONE_T = "m/rfdetr.models.backbone.Joiner_backbone/torch.nn.modules.linear.Linear_fc;"
 DECODER_T = "m/rfdetr.models.transformer.Transformer_transformer/torch.nn.modules.linear.Linear_fc;"
@@ -281,10 +282,10 @@ def test_quantized_files_keep_their_tensor_data_inside_the_flatbuffer(tiny, tmp_
     assert any((b.offset or 0) > 1 for b in fb.ModelT.InitFromPackedBuf(ext, 0).buffers)
     ext_path, inl_path = tmp_path / "ext.tflite", tmp_path / "inl.tflite"
     ext_path.write_bytes(ext)
-    inl = Q.inline_buffers(ext)
+    inl = tflite_passes.inline_buffers(ext)
     inl_path.write_bytes(inl)
     assert not any((b.offset or 0) > 1 for b in fb.ModelT.InitFromPackedBuf(inl, 0).buffers)
-    assert Q.inline_buffers(inl) == inl  # nothing left to move
+    assert tflite_passes.inline_buffers(inl) == inl  # nothing left to move
     x = _calib(1)[0]
     a, b, c = Q.run_once(tiny, x), Q.run_once(ext_path, x), Q.run_once(inl_path, x)
     assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
