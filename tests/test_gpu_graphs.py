@@ -72,3 +72,15 @@ def test_cpu_chain_equals_torch_chain_and_masks_only_selected_rows(art, outputs_
 def test_missing_graph_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="graph_a.tflite"):
         SplitModel(tmp_path)
+
+
+def test_fp16_safety_reports_both_layernorms(art):
+    from nailkit.data import sample_images
+
+    s = gpu_graphs.fp16_safety(art["meta"]["checkpoint"], images=sample_images("photos")[:1])
+    for g in ("graph_a", "graph_b"):
+        before, after = s["before"][g], s["after"][g]
+        assert before["layer_norm_sites"] == after["layer_norm_sites"] > 0
+        assert before["layer_norm_max_abs_in"] == pytest.approx(after["layer_norm_max_abs_in"], rel=1e-5)
+        assert 0 < after["layer_norm_max_abs_reduced"] <= before["layer_norm_max_abs_reduced"]
+    assert s["before"]["graph_b"]["softmax_sites"] > 0  # the decoder's self-attention softmax
