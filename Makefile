@@ -50,7 +50,7 @@ gpu-driver:
 	fi
 
 test: $(STAMP) gpu-driver
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

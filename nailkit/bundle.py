@@ -6,9 +6,9 @@
     <out>/labels.txt        class names, line i = class id i
     <out>/model_card.json   input/outputs read off the .tflite itself, post-processing steps, measured parity and
                             latency on this machine, versions
-    <out>/preprocess.py     byte-identical copy of nailkit/preprocess.py   (numpy + Pillow)
-    <out>/postprocess.py    byte-identical copy of nailkit/postprocess.py  (numpy)
-    <out>/io_contract.py    byte-identical copy of nailkit/io_contract.py  (numpy; ai-edge-litert to run the model)
+    <out>/preprocess.py     byte-identical copy of nailkit/portable/preprocess.py   (numpy + Pillow)
+    <out>/postprocess.py    byte-identical copy of nailkit/portable/postprocess.py  (numpy)
+    <out>/io_contract.py    byte-identical copy of nailkit/portable/io_contract.py  (numpy; ai-edge-litert to run the model)
     <out>/run_bundle.py     entry point / library: numpy + Pillow + ai-edge-litert only
     <out>/README.md         for the app developer
 
@@ -27,46 +27,35 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-BUNDLE_FILES = PACKAGE_DIR / "bundle_files"
+from nailkit.bench.timing import interleaved_latency
+from nailkit.core.artifacts import file_sha256, read_sidecar
+from nailkit.core.hardware import cpu_info
+from nailkit.core.outdir import check_output_folder, MARKER, read_marker
+from nailkit.core.paths import PORTABLE_DIR
+from nailkit.core.validate import KNOWN_PRECISIONS
+from nailkit.data.samples import sample_images
+from nailkit.export.variants import torch_raw
+from nailkit.model.build import DEFAULT_OUTPUT_DIR, export_module, load_model, resolve_checkpoint
+from nailkit.model.checkpoint import Checkpoint
+from nailkit.portable.gpu_chain import GRAPH_NAMES, SplitModel
+from nailkit.portable.io_contract import check_tflite_file, OUTPUT_MEANINGS, POSTPROCESS_STEPS, TFLiteModel
+from nailkit.portable.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from nailkit.runtime.runners import make_runner
+from nailkit.tflite import metadata as tm
+from nailkit.tflite.convert import default_path, DEFAULT_PATH_WHY, delegation_report, ensure_tflite
+from nailkit.verify.drift import drift_summary
+
 MODEL_FILE = "model.tflite"
-#: files copied verbatim into every bundle: {name in bundle: source}
-COPIED = {"preprocess.py": PACKAGE_DIR / "preprocess.py", "postprocess.py": PACKAGE_DIR / "postprocess.py",
-          "io_contract.py": PACKAGE_DIR / "io_contract.py", "run_bundle.py": BUNDLE_FILES / "run_bundle.py"}
+#: files copied verbatim into every bundle (nailkit/portable/: numpy-only, flat imports inside a bundle)
+COPIED = {name: PORTABLE_DIR / name for name in ("preprocess.py", "postprocess.py", "io_contract.py", "run_bundle.py")}
 
 TARGETS = ("cpu", "gpu")
 #: the GPU target's bundle: three graphs + the numpy runtime between them
-GPU_COPIED = {**COPIED, "gpu_pipeline.py": PACKAGE_DIR / "gpu_pipeline.py"}
-
-OUTPUT_MEANINGS = {
-    "pred_boxes": ("boxes", "normalised [0,1] (cx, cy, w, h) relative to the model input; multiply by the ORIGINAL "
-                            "image width/height after converting to (x1, y1, x2, y2)", "values (sigmoid applied)"),
-    "pred_logits": ("class scores per query", "column c = class id c (labels.txt line c); the last column is rfdetr's "
-                    "no-object slot", "LOGITS: apply sigmoid per element (independent sigmoids, not softmax)"),
-    "pred_masks": ("mask per query", "mask logits at 1/4 of the input resolution; resize bilinearly (half-pixel, "
-                   "no antialias) to the ORIGINAL image size, THEN threshold (> 0)", "LOGITS"),
-    "enc_scores": ("diagnostic: pre-TopK encoder scores (two-stage query selection)", "not needed by the app",
-                   "logits"),
-    "topk_indices": ("diagnostic: indices of the queries the encoder selected", "not needed by the app", "int"),
-}
-
-POSTPROCESS_STEPS = [
-    "scores = sigmoid(pred_logits) for every (query, class) pair — independent sigmoids, not softmax, not argmax",
-    "take the top num_select pairs over the flattened Q×C scores (descending; ties by ascending flat index); "
-    "query = index // C, class = index % C",
-    "boxes of the selected queries: (cx, cy, w, h) → (x1, y1, x2, y2), times (W, H, W, H) of the ORIGINAL image, "
-    "clamped to the image",
-    "keep pairs with score > threshold (strictly greater)",
-    "masks of the kept queries: resize the mask logits bilinearly (half-pixel centres, no antialias) to the original "
-    "H×W, then mask = logit > mask_threshold",
-]
-
+GPU_COPIED = {**COPIED, "gpu_chain.py": PORTABLE_DIR / "gpu_chain.py"}
 
 def read_tflite_io(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Input and outputs of a .tflite, read off the file by ``nailkit.io_contract.TFLiteModel`` (the code the bundle
+    """Input and outputs of a .tflite, read off the file by ``nailkit.portable.io_contract.TFLiteModel`` (the code the bundle
     runs), each output with its meaning, description, format and value kind for the model card."""
-    from nailkit.io_contract import TFLiteModel
-
     model = TFLiteModel(path)
     io = model.describe()
     model.close()
@@ -77,10 +66,8 @@ def read_tflite_io(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def tflite_raw(path: str | os.PathLike[str], images: Sequence[Any], threads: Optional[int] = None):
-    """The .tflite on ``images`` through ``nailkit.runtime`` (``io_contract.TFLiteModel``): RawOutputs, sizes,
+    """The .tflite on ``images`` through ``nailkit.runtime.runners`` (``io_contract.TFLiteModel``): RawOutputs, sizes,
     runner."""
-    from nailkit.runtime import make_runner
-
     runner = make_runner(str(path), backend="tflite", threads=threads)
     out = [runner.predict_raw(im) for im in images]
     return [r for r, _ in out], [s for _, s in out], runner
@@ -88,27 +75,20 @@ def tflite_raw(path: str | os.PathLike[str], images: Sequence[Any], threads: Opt
 
 def measure_parity(tflite_path: str | os.PathLike[str], rf, images: Sequence[Any]) -> dict[str, Any]:
     """The bundle's .tflite vs PyTorch fp32 (export-mode module) on ``images``: detection-level top-10 matched by IoU
-    (``nailkit.bench.drift_summary``)."""
-    from nailkit.alternatives import torch_raw
-    from nailkit.bench import drift_summary
-    from nailkit.model import export_module
-
+    (``nailkit.verify.drift.drift_summary``)."""
     raws, sizes, runner = tflite_raw(tflite_path, images)
     mod = export_module(rf, runner.resolution)
     ref, _ = torch_raw(mod, images, runner.resolution)
     d = drift_summary(ref, raws, sizes)
     d["images_used"] = [Path(str(i)).name for i in images]
-    d["reference"] = "PyTorch fp32 export-mode module (nailkit.model.export_module)"
+    d["reference"] = "PyTorch fp32 export-mode module (nailkit.model.build.export_module)"
     return d
 
 
 def measure_latency(tflite_path: str | os.PathLike[str], threads: Sequence[int] = (1, 2), runs: int = 10
                     ) -> dict[str, Any]:
     """Median/p90 ms of the .tflite (XNNPACK default delegate) at each thread count, on this machine."""
-    from nailkit.bench import cpu_name, interleaved_latency
-    from nailkit.runtime import make_runner
-
-    out: dict[str, Any] = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "runs": runs,
+    out: dict[str, Any] = {"cpu": cpu_info().model_name, "cpu_count": os.cpu_count(), "runs": runs,
                            "loadavg_1m": os.getloadavg()[0], "timed": "interpreter.invoke() incl. input copy; "
                            "pre/post-processing excluded", "by_threads": {}}
     for t in threads:
@@ -139,29 +119,31 @@ def _versions(meta: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
-def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLike[str], *, route: str = "onnx2tf",
-                precision: str = "fp32", resolution: Optional[int] = None, tflite: Optional[str] = None,
-                output_dir: str | os.PathLike[str] | None = None, images: Optional[Sequence[Any]] = None,
-                threshold: float = 0.5, latency_runs: int = 10, latency_threads: Sequence[int] = (1, 2),
-                trusted: bool = False, overwrite: bool = True, target: str = "cpu", gpu_check: bool = False) -> Path:
-    """Build the bundle for ``checkpoint`` in ``out`` (replacing an existing bundle there when ``overwrite``).
+def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLike[str], *, route: Optional[str] = None,
+                precision: str = "fp32", sampling: Optional[str] = None, resolution: Optional[int] = None,
+                tflite: Optional[str] = None, output_dir: str | os.PathLike[str] | None = None,
+                images: Optional[Sequence[Any]] = None, threshold: float = 0.5, latency_runs: int = 10, latency_threads: Sequence[int] = (1, 2),
+                trusted: bool = False, overwrite: bool = False, target: str = "cpu", gpu_check: bool = False) -> Path:
+    """Build the bundle for ``checkpoint`` in ``out``.
+
+    ``out`` may be new, empty or an earlier nailkit bundle (it holds ``nailkit.core.outdir.MARKER``); its files are then
+    replaced. Any other non-empty folder is refused unless ``overwrite`` (CLI ``--force``): the bundle's files are
+    written into it and nothing else there is deleted.
 
     ``target="cpu"``: one .tflite from ``tflite`` when given (its input resolution must match), else from
-    ``nailkit.tflite.ensure_tflite`` (cached: converts only when no artifact for this checkpoint exists yet).
-    ``target="gpu"``: the GPU target's three graphs (``nailkit.gpu_graphs.ensure_gpu_graphs``) with the host steps
-    (``gpu_pipeline.py`` + ``postprocess.py``); ``gpu_check`` also runs them under LiteRT's GPU accelerator
+    ``nailkit.tflite.convert.ensure_tflite`` (cached: converts only when no artifact for this checkpoint exists yet).
+    ``target="gpu"``: the GPU target's three graphs (``nailkit.gpu.graphs.ensure_gpu_graphs``) with the host steps
+    (``gpu_chain.py`` + ``postprocess.py``); ``gpu_check`` also runs them under LiteRT's GPU accelerator
     (SwiftShader here) and writes the delegate's verdict and parity into the card.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
-    from nailkit.data import sample_images
-    from nailkit.model import DEFAULT_OUTPUT_DIR, load_model, resolve_checkpoint
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder; expected a folder for the bundle")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: already exists; pass overwrite=True to replace it")
+    if target == "cpu" and not tflite and precision not in KNOWN_PRECISIONS:  # checked before the model loads
+        raise ValueError(f"--precision: expected one of {', '.join(KNOWN_PRECISIONS)}, got {precision!r}")
+    if tflite and not Path(tflite).is_file():
+        raise FileNotFoundError(f"{tflite}: --tflite names no file; expected a converted .tflite")
+    out = check_output_folder(out, force=overwrite)
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -175,17 +157,17 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
         return _make_gpu_bundle(ckpt, rf, out, out_root, resolution=resolution, images=images, threshold=threshold,
                                 latency_runs=latency_runs, gpu_check=gpu_check)
     if tflite:
-        from nailkit.artifacts import read_sidecar
-        from nailkit.io_contract import check_tflite_file
-
         src = check_tflite_file(tflite)
         meta = dict(read_sidecar(src) or {})
         meta.setdefault("route", route)
         meta.setdefault("precision", precision)
     else:
-        from nailkit.tflite import ensure_tflite
 
-        src, meta = ensure_tflite(ckpt, out_root, route=route, precision=precision, resolution=resolution)
+        chosen = "default" if route is None and sampling is None else "asked for"
+        route, sampling = default_path(route, sampling)
+        src, meta = ensure_tflite(ckpt, out_root, route=route, precision=precision, resolution=resolution,
+                                  sampling=sampling)
+        meta = {**meta, "path_chosen": chosen}
     io = read_tflite_io(src)
     res = io["input"]["resolution"]
     if resolution and int(resolution) != res:
@@ -195,16 +177,14 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
     latency = measure_latency(src, latency_threads, latency_runs)
     labels = list(rf.class_names)
     num_select = int(getattr(rf.model.postprocess, "num_select", 200))
-    from nailkit.artifacts import file_sha256
-    from nailkit.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
     card = {
         "model_file": MODEL_FILE,
         "model_sha256": file_sha256(src, 64),
-        "source": {"checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt),
-                   "architecture": getattr(rf.nailkit_report, "rfdetr_class", None) or "RFDETRSegPreview",
+        "source": {"checkpoint": ckpt.name, "checkpoint_sha256": ckpt.sha256(),
+                   "architecture": ckpt.report.rfdetr_class or "RFDETRSegPreview",
                    "route": meta.get("route", route), "precision": meta.get("precision", precision),
-                   "tflite_source": str(src), "demo_random_weights": "demo" in Path(ckpt).name},
+                   "tflite_source": str(src), "demo_random_weights": "demo" in ckpt.name},
         "labels": labels,
         "input": {**io["input"], "colour_order": "RGB",
                   "value_pipeline": ["decode to 8-bit RGB (drop alpha; grayscale/palette → RGB)",
@@ -223,6 +203,7 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
                         "threshold, num_select, mask_threshold, class_names)",
                         "background_slot": "class id == len(labels) is rfdetr's no-object slot (named "
                                            "'__background__'); it can appear in the top-k like rfdetr's predict()"},
+        "path": path_card(src, meta, output_dir=out_root),
         "parity": parity,
         "latency": latency,
         "versions": _versions(meta),
@@ -236,8 +217,6 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
 
 
 def _preprocess_card(res: int, layout: str, shape: list[int]) -> dict[str, Any]:
-    from nailkit.preprocess import IMAGENET_MEAN, IMAGENET_STD
-
     return {"shape": shape, "dtype": "float32", "layout": layout, "resolution": res, "colour_order": "RGB",
             "value_pipeline": ["decode to 8-bit RGB (drop alpha; grayscale/palette → RGB)",
                                "scale to float32 [0, 1] (divide by 255)",
@@ -249,13 +228,10 @@ def _preprocess_card(res: int, layout: str, shape: list[int]) -> dict[str, Any]:
             "reference_code": "preprocess.py: preprocess(image, R) (+ to_nhwc for NHWC)"}
 
 
-def _make_gpu_bundle(ckpt: Path, rf, out: Path, out_root: Path, *, resolution: Optional[int],
+def _make_gpu_bundle(ckpt: Checkpoint, rf, out: Path, out_root: Path, *, resolution: Optional[int],
                      images: Optional[Sequence[Any]], threshold: float, latency_runs: int, gpu_check: bool) -> Path:
     """The ``--target gpu`` bundle (see ``make_bundle``)."""
-    from nailkit import tflite_metadata as tm
-    from nailkit.artifacts import file_sha256
-    from nailkit.gpu_graphs import HOST_STEPS, IO_MEANINGS, ensure_gpu_graphs, verify_gpu_graphs
-    from nailkit.gpu_pipeline import GRAPH_NAMES, SplitModel
+    from nailkit.gpu.graphs import HOST_STEPS, IO_MEANINGS, ensure_gpu_graphs, verify_gpu_graphs  # lazy: torch + rfdetr at import
 
     art = ensure_gpu_graphs(ckpt, out_root, resolution, images=images)
     meta = art["meta"]
@@ -276,11 +252,11 @@ def _make_gpu_bundle(ckpt: Path, rf, out: Path, out_root: Path, *, resolution: O
     card = {
         "target": "gpu",
         "graphs": graphs,
-        "source": {"checkpoint": Path(ckpt).name, "checkpoint_sha256": file_sha256(ckpt),
-                   "architecture": getattr(rf.nailkit_report, "rfdetr_class", None) or "RFDETRSegPreview",
+        "source": {"checkpoint": ckpt.name, "checkpoint_sha256": ckpt.sha256(),
+                   "architecture": ckpt.report.rfdetr_class or "RFDETRSegPreview",
                    "route": "litert-torch (GPU target: graph split, tent sampling, SafeLayerNorm)",
                    "precision": "fp32 weights; the GPU delegate runs fp16 or fp32 (enforce_f32)",
-                   "demo_random_weights": "demo" in Path(ckpt).name},
+                   "demo_random_weights": "demo" in ckpt.name},
         "labels": labels,
         "input": _preprocess_card(res, "NHWC", [1, res, res, 3]),
         "num_queries": int(meta["graph_meta"]["num_queries"]),
@@ -290,7 +266,7 @@ def _make_gpu_bundle(ckpt: Path, rf, out: Path, out_root: Path, *, resolution: O
         "postprocess": {"steps": GPU_POSTPROCESS_STEPS, "num_select": int(getattr(rf.model.postprocess, "num_select",
                                                                                     200)),
                         "threshold": float(threshold), "mask_threshold": 0.0,
-                        "reference_code": "gpu_pipeline.py: SplitModel.raw(x, threshold) → postprocess.py: "
+                        "reference_code": "gpu_chain.py: SplitModel.raw(x, threshold) → postprocess.py: "
                                           "postprocess(raw, (W, H), threshold)"},
         "parity_cpu_interpreter": meta["cpu_parity"],
         "gpu_check": (verify_gpu_graphs(ckpt, out_root, res, images=images) if gpu_check else
@@ -345,7 +321,7 @@ each `.tflite` also carries its own metadata (`nailkit_metadata` entry and an ap
 |---|---|---|---|
 {rows}
 
-`gpu_pipeline.py` runs the chain (`SplitModel(folder, "gpu")` compiles each graph for the GPU accelerator alone),
+`gpu_chain.py` runs the chain (`SplitModel(folder, "gpu")` compiles each graph for the GPU accelerator alone),
 `postprocess.py` holds the host steps, `preprocess.py` the input pipeline, `run_bundle.py` all of it:
 `python run_bundle.py photo.jpg [--accelerator gpu] --json out.json` (numpy, Pillow, ai-edge-litert).
 
@@ -373,9 +349,16 @@ Keep `memory` on the GPU between graphs when your runtime allows it (it is graph
 
 
 def _write_folder(out: Path, files: dict[str, Any]) -> Path:
-    """Write ``files`` ({name: source Path to copy | text}) as the folder ``out``: built in a temporary sibling,
-    then renamed into place (an existing ``out`` is replaced), so a failure never leaves a half-written bundle."""
+    """Write ``files`` ({name: source Path to copy | text}) as the folder ``out``: built in a temporary sibling, then
+    renamed into place, so a failure never leaves a half-written bundle.
+
+    Nothing nailkit did not write is deleted: a new or empty ``out`` is replaced by the finished folder; into an
+    existing one (an earlier bundle, or any folder with ``--force``) the files are moved one by one, and only the
+    files that the earlier bundle's marker lists and this bundle lacks are removed.
+    """
     parent = out.resolve().parent
+    files = dict(files)
+    files[MARKER] = json.dumps({"written_by": "nailkit", "command": "bundle", "files": sorted(files)}, indent=2)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".part", dir=parent))
     try:
         for name, content in files.items():
@@ -386,16 +369,20 @@ def _write_folder(out: Path, files: dict[str, Any]) -> Path:
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if out.is_dir() and any(out.iterdir()):
+            earlier = (read_marker(out) or {}).get("files") or []
+            for name in files:
+                os.replace(tmp / name, out / name)
+            for name in set(earlier) - set(files):
+                if isinstance(name, str) and "/" not in name and (out / name).is_file():
+                    (out / name).unlink()
         else:
+            if out.is_dir():
+                out.rmdir()  # empty
             os.replace(tmp, out)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder only
     return out
 
 
@@ -466,11 +453,45 @@ Versions: see `model_card.json` → `versions`.
 """
 
 
+def path_card(src: Path, meta: dict[str, Any], output_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Which conversion path made the bundle's file and why: route, sampling, precision, whether it was the default,
+    the measured reasons (XNNPACK delegation of this very file, its gate numbers, and its latency ratio to ORT fp32
+    from notebook 06's table when that has run)."""
+    route, sampling, precision = meta.get("route"), meta.get("sampling") or "grid", meta.get("precision")
+    chosen = meta.get("path_chosen", "given file (--tflite)")
+    card: dict[str, Any] = {"route": route, "sampling": sampling, "precision": precision, "chosen": chosen,
+                            "why": DEFAULT_PATH_WHY if chosen == "default" else f"{chosen}: --route/--sampling/"
+                                                                                "--precision"}
+    try:
+        rep = delegation_report(src, output_dir)
+        card["xnnpack"] = {"ops": rep["xnnpack_nodes"], "of": rep["xnnpack_total"],
+                           "partitions": rep["xnnpack_partitions"], "undelegated": rep.get("undelegated")}
+    except Exception as exc:  # noqa: BLE001 - the card says why the number is missing
+        card["xnnpack"] = f"not measured: {str(exc).splitlines()[0][:200]}"
+    agg = meta.get("parity") or {}  # the gate's aggregate, as ensure_tflite stored it
+    card["gate"] = {k: agg[k] for k in ("pre_topk_max_abs", "forced_max_abs", "forced_min_mask_iou",
+                                        "control_ratio_max") if k in agg}
+    bench = Path(output_dir or "outputs") / "06_benchmark.json"
+    card["latency_vs_ort_fp32"] = "not measured yet (notebook 06 writes it)"
+    if bench.is_file():  # the row of this very file in notebook 06's table (specs name their file)
+        doc = json.loads(bench.read_text())
+        names = {n for n, sp in (doc.get("specs") or {}).items()
+                 if Path(str(sp.get("path", ""))).resolve() == Path(src).resolve()}
+        for t, rows in sorted((doc.get("rows") or {}).items()):
+            for r in rows:
+                if r.get("backend") in names and r.get("x_ort_fp32") is not None:
+                    card["latency_vs_ort_fp32"] = {"ratio": r["x_ort_fp32"], "threads": int(t),
+                                                   "cpu": ((doc.get("hardware") or {}).get("cpu") or {}).get("summary")}
+                    return card
+    return card
+
+
 def cli_bundle(args) -> int:
     target = getattr(args, "target", "cpu")
     out = make_bundle(args.checkpoint, args.out, route=args.route, precision=args.precision,
+                      sampling=getattr(args, "sampling", None),
                       resolution=args.resolution, tflite=args.tflite, trusted=args.trusted, target=target,
-                      gpu_check=bool(getattr(args, "gpu_check", False)))
+                      gpu_check=bool(getattr(args, "gpu_check", False)), overwrite=bool(getattr(args, "force", False)))
     card = json.loads((out / "model_card.json").read_text())
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     if target == "gpu":

@@ -1,11 +1,13 @@
-"""Shared fixtures. Every test runs under nailkit's socket guard (``nailkit.offline``): any attempt to open a network
+"""Shared fixtures. Every test runs under nailkit's socket guard (``nailkit.core.offline``): any attempt to open a network
 connection fails the test. NAILKIT_OFFLINE=1 puts every child process and papermill kernel under it too. (AF_UNIX and
 loopback stay allowed: Jupyter kernels under papermill talk over local ZMQ/TCP on loopback only.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 @pytest.fixture(autouse=True)
 def socket_guard(monkeypatch):
-    """nailkit's own guard (nailkit.offline), applied to every test even if a test restored the real functions."""
-    from nailkit import offline
+    """nailkit's own guard (nailkit.core.offline), applied to every test even if a test restored the real functions."""
+    from nailkit.core import offline
 
     monkeypatch.setattr(socket.socket, "connect", offline._guard_connect)
     monkeypatch.setattr(socket.socket, "connect_ex", offline._guard_connect_ex)
@@ -37,15 +39,16 @@ def outputs_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_ckpt(outputs_dir) -> Path:
-    from nailkit.model import demo_checkpoint_path
+def demo_ckpt(outputs_dir):
+    """The random-weight demo checkpoint as one ``Checkpoint`` (resolved and hashed once for the whole session)."""
+    from nailkit.model.build import demo_checkpoint_path, resolve_checkpoint
 
-    return demo_checkpoint_path(outputs_dir)
+    return resolve_checkpoint(demo_checkpoint_path(outputs_dir))
 
 
 @pytest.fixture(scope="session")
 def demo_model(demo_ckpt):
-    from nailkit.model import load_model
+    from nailkit.model.build import load_model
 
     return load_model(demo_ckpt)
 
@@ -63,3 +66,19 @@ def cpu_run():
         return it.get_tensor(it.get_output_details()[0]["index"])
 
     return run
+
+
+_SESSION_START = time.time()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After the run: the wall time of every notebook this run executed (also in outputs/notebook_times.md)."""
+    from nailkit.core.notebooks import OUTPUT_DIR, TIMES_FILE, time_table
+
+    path = OUTPUT_DIR / TIMES_FILE
+    if not path.exists():
+        return
+    times = json.loads(path.read_text())
+    if any(v.get("finished_at", 0) >= _SESSION_START for v in times.values()):
+        terminalreporter.write_sep("=", "notebook wall times (outputs/notebook_times.md)")
+        terminalreporter.write_line(time_table(times, since=_SESSION_START))

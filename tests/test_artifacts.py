@@ -1,4 +1,4 @@
-"""nailkit.artifacts: content key, sidecar, atomic publication, validity by content hash; the subprocess helper;
+"""nailkit.core.artifacts: content key, sidecar, atomic publication, validity by content hash; the subprocess helper;
 the offline switch; the warnings filter."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from nailkit import artifacts, subproc
+from nailkit.core import artifacts
+from nailkit.core import subproc
 
 
 def test_publish_then_cached_checks_key_and_content(tmp_path):
@@ -63,41 +64,44 @@ def test_atomic_write_into_a_file_path_fails_even_as_root(tmp_path):
     assert blocker.read_text() == "a file, not a folder"
 
 
-def test_checkpoint_content_ignores_the_file_name(tmp_path):
-    import torch
-
-    payload = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "args": {"class_names": ["Nail"]}}
-    a, b = tmp_path / "a.pth", tmp_path / "checkpoint_best_total.pth"
-    torch.save(payload, a)
-    torch.save(payload, b)
-    assert artifacts.file_sha256(a) != artifacts.file_sha256(b)  # torch.save records the name
-    assert artifacts.checkpoint_content(a) == artifacts.checkpoint_content(b)
-    payload["model"]["w"] = payload["model"]["w"] + 1e-3
-    torch.save(payload, b)
-    assert artifacts.checkpoint_content(a) != artifacts.checkpoint_content(b)  # other weights
-    payload["model"]["w"] = payload["model"]["w"] - 1e-3
-    payload["args"]["class_names"] = ["Nail", "Cuticle"]
-    torch.save(payload, a)
-    assert artifacts.checkpoint_content(a) != artifacts.checkpoint_content(b)  # other config
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# nailkit.subproc
-# ----------------------------------------------------------------------------------------------------------------
-
 def test_worker_result_and_log(tmp_path):
-    code = "import sys; print('working'); from nailkit.subproc import emit; emit({'files': {'fp32': 'x'}})"
+    code = "import sys; print('working'); from nailkit.core.subproc import emit; emit({'files': {'fp32': 'x'}})"
     log = tmp_path / "w.log"
     res = subproc.run_python(["-c", code], desc="ok", timeout=120, log_path=log, progress=False)
     assert res["files"] == {"fp32": "x"} and res["wall_s"] > 0
     assert "working" in log.read_text()
 
 
+def test_worker_stages_from_markers_and_stage_lines(tmp_path, capsys):
+    code = ("import time; from nailkit.core.subproc import emit, stage; print('Model conversion started ==='); "
+            "time.sleep(0.6); stage('quantize int8'); time.sleep(0.6); emit({})")
+    res = subproc.run_python(["-c", code], desc="conv", timeout=120, stages=[("Model conversion started", "convert")])
+    names = [n for n, _ in res["stages"]]
+    assert names == ["start", "convert", "quantize int8"]
+    assert all(t >= 0.5 for n, t in res["stages"] if n != "start")
+    err = capsys.readouterr()
+    assert "conv: done in 0:01 (convert 1 s, quantize int8 1 s)" in err.out + err.err
+
+
+def test_worker_failure_names_the_stage(tmp_path):
+    code = "from nailkit.core.subproc import stage; stage('simplify'); raise SystemExit(4)"
+    with pytest.raises(subproc.WorkerError, match=r"exit 4\) in simplify after 0:0"):
+        subproc.run_python(["-c", code], desc="bad", timeout=60, progress=False)
+
+
 def test_worker_failure_names_the_log(tmp_path):
     log = tmp_path / "w.log"
-    with pytest.raises(subproc.WorkerError, match=r"exit 3.*w\.log.*boom"):
+    with pytest.raises(subproc.WorkerError, match=r"exit 3.*w\.log.*boom") as err:
         subproc.run_python(["-c", "print('boom'); raise SystemExit(3)"], desc="bad", timeout=60, log_path=log,
                            progress=False)
+    assert (err.value.returncode, err.value.timed_out, err.value.result) == (3, False, None)
+
+
+def test_worker_failure_after_its_result_keeps_the_result():
+    code = "from nailkit.core.subproc import emit; emit({'verdict': 1}); raise SystemExit(-11 % 256)"
+    with pytest.raises(subproc.WorkerError, match="exit 245") as err:
+        subproc.run_python(["-c", code], desc="crash on exit", timeout=60, progress=False)
+    assert err.value.returncode == 245 and err.value.result == {"verdict": 1}
 
 
 def test_silent_worker_is_killed_at_its_timeout(tmp_path):
@@ -106,8 +110,9 @@ def test_silent_worker_is_killed_at_its_timeout(tmp_path):
     code = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); sys.stdout.flush(); "
             "time.sleep(600)")
     t0 = time.time()
-    with pytest.raises(subproc.WorkerError, match="timed out after 15 s"):
+    with pytest.raises(subproc.WorkerError, match="timed out after 15 s") as err:
         subproc.run_python(["-c", code, str(pid_file)], desc="silent", timeout=15, progress=False)
+    assert err.value.timed_out and err.value.returncode is None
     assert time.time() - t0 < 90  # the 40-minute pytest timeout is not what stops it
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
@@ -115,7 +120,7 @@ def test_silent_worker_is_killed_at_its_timeout(tmp_path):
 
 
 def test_tflite_run_worker_goes_through_the_helper(monkeypatch):
-    from nailkit import tflite
+    from nailkit.tflite import convert as tflite
 
     seen = {}
 
@@ -126,17 +131,17 @@ def test_tflite_run_worker_goes_through_the_helper(monkeypatch):
     monkeypatch.setattr(subproc, "run_python", fake)
     with pytest.raises(tflite.ConversionError, match="timed out"):
         tflite.run_worker(["route-b", "x"], Path("log"), "litert", timeout=5)
-    assert seen["args"][:2] == ["-m", "nailkit.tflite"] and seen["timeout"] == 5
+    assert seen["args"][:2] == ["-m", "nailkit.tflite.convert"] and seen["timeout"] == 5
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# nailkit.offline and nailkit.warnings_filter
+# nailkit.core.offline and nailkit.core.warnings_filter
 # ----------------------------------------------------------------------------------------------------------------
 
 PROBE = """
 import os, socket
 import nailkit
-from nailkit.subproc import emit
+from nailkit.core.subproc import emit
 try:
     socket.create_connection(("192.0.2.1", 80), timeout=0.5)
     outcome = "connected"
@@ -151,14 +156,14 @@ def test_children_are_offline_and_guarded():
     env = subproc.child_env({"NAILKIT_OFFLINE": "1"})
     env.pop("HF_HUB_OFFLINE", None)
     res = subproc.run_python(["-c", PROBE], desc="probe", timeout=120, progress=False, env=env)
-    assert res == {"outcome": "NetworkAccessError", "hf": "1", "wall_s": res["wall_s"]}
+    assert res == {"outcome": "NetworkAccessError", "hf": "1", "wall_s": res["wall_s"], "stages": res["stages"]}
     assert subproc.child_env()["NAILKIT_OFFLINE"] in ("0", "1")  # always set for a child
 
 
 def test_offline_switch_off_leaves_sockets_alone():
     env = subproc.child_env({"NAILKIT_OFFLINE": "0"})
     env.pop("HF_HUB_OFFLINE", None)
-    code = ("import socket; real = socket.socket.connect; import nailkit; from nailkit.subproc import emit; "
+    code = ("import socket; real = socket.socket.connect; import nailkit; from nailkit.core.subproc import emit; "
             "import os; emit({'same': socket.socket.connect is real, 'hf': os.environ.get('HF_HUB_OFFLINE')})")
     res = subproc.run_python(["-c", code], desc="probe", timeout=120, progress=False, env=env)
     assert res["same"] is True and res["hf"] is None

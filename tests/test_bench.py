@@ -1,15 +1,18 @@
-"""nailkit.bench: the harness is tested with cheap fake callables and a fake clock — never with real timings."""
+"""nailkit.bench: the harness is tested with cheap fake callables and a fake clock — never with real timings.
+(The XNNPACK GEMM probe itself: tests/test_ceilings.py.)"""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
-from nailkit import bench
-from nailkit.bench import (BackendSpec, BenchResult, LatencyStats, interleaved_latency, percentile,
-                           ratios, rotated_order)
+from nailkit.bench import backends, ceilings, discovery, flops, targets
+from nailkit.bench.backends import BackendSpec
+from nailkit.bench.benchmark import BenchResult, valid_numbers
+from nailkit.bench.timing import interleaved_latency, LatencyStats, percentile, ratios, rotated_order
+from nailkit.report import bench_report
+from nailkit.report.tables import table
 
 
 class FakeClock:
@@ -129,17 +132,9 @@ def test_latency_stats_rejects_invalid_samples():
 
 def test_achieved_fraction():
     # 10 GFLOP in 100 ms = 100 GFLOP/s; against a 400 GFLOP/s ceiling = 25 %
-    assert bench.achieved_fraction(10e9, 100.0, 400.0) == pytest.approx(0.25)
+    assert flops.achieved_fraction(10e9, 100.0, 400.0) == pytest.approx(0.25)
     with pytest.raises(ValueError):
-        bench.achieved_fraction(1e9, 0.0, 1.0)
-
-
-def test_gemm_peak_reports_positive_throughput():
-    g = bench.gemm_peak(1, n=64, seconds=0.01)
-    assert g["median_gflops"] > 0 and g["best_gflops"] >= g["median_gflops"] * 0.999
-    assert g["reps"] >= 3
-    with pytest.raises(ValueError):
-        bench.gemm_peak(0)
+        flops.achieved_fraction(1e9, 0.0, 1.0)
 
 
 def test_count_flops_counts_linear_and_lists_uncounted_ops():
@@ -155,7 +150,7 @@ def test_count_flops_counts_linear_and_lists_uncounted_ops():
             y = self.conv(x).relu().mean(dim=(2, 3))
             return (torch.nn.functional.gelu(self.fc(y)),)
 
-    fc = bench.count_flops(Tiny(), 8)
+    fc = flops.count_flops(Tiny(), 8)
     conv = 2 * 4 * 3 * 3 * 3 * 8 * 8  # 2·Cout·Cin·k·k·H·W
     lin = 2 * 4 * 5
     assert fc.flops == conv + lin
@@ -178,11 +173,11 @@ def _fake_result():
     lat = {1: {"onnxruntime fp32": LatencyStats("o", [300.0, 320.0]).summary(),
                "pytorch eager": LatencyStats("p", [600.0]).summary(),
                "tflite": LatencyStats("t", [150.0]).summary()}}
-    flops = {432: {"gflops": 86.0, "gmacs": 43.0, "uncounted_ops": {"gelu": 17}},
+    counts = {432: {"gflops": 86.0, "gmacs": 43.0, "uncounted_ops": {"gelu": 17}},
              336: {"gflops": 50.0, "gmacs": 25.0, "uncounted_ops": {}}}
-    return BenchResult(machine={"cpu": "Fake CPU", "cpu_count": 2}, specs=specs, latency=lat,
-                       gemm={1: {"median_gflops": 100.0}}, flops=flops,
-                       drift={"tflite": {"matched_top10": "28/30", "min_mask_iou": 0.9, "max_logit_abs": 0.1}})
+    return BenchResult(machine={"cpu": "Fake CPU", "cpu_count": 2}, specs=specs, latency=lat, flops=counts,
+                       drift={"tflite": {"matched_top10": "28/30", "min_mask_iou": 0.9, "max_logit_abs": 0.1}},
+                       ceilings={1: {"fp32": 100.0, "dynamic_int8": 200.0, "int8": 400.0}})
 
 
 def test_rows_ratios_and_markdown():
@@ -191,13 +186,13 @@ def test_rows_ratios_and_markdown():
     assert rows["onnxruntime fp32"]["x_ort_fp32"] == pytest.approx(1.0)
     assert rows["tflite"]["x_ort_fp32"] == pytest.approx(150 / 310)
     assert rows["tflite"]["x_pytorch_eager"] == pytest.approx(0.25)
-    assert rows["pytorch eager"]["gemm_fraction"] == pytest.approx(86e9 / 0.6 / 100e9)
+    assert rows["pytorch eager"]["ceiling_fraction"] == pytest.approx(86e9 / 0.6 / 100e9)  # the fp32 ceiling
     assert rows["tflite"]["gflops"] == 50.0  # FLOPs of its own resolution
     md = res.markdown()
     row = next(_cells(ln) for ln in md.splitlines() if ln.startswith("| tflite"))
     assert "Fake CPU" in md and row[:4] == ["tflite", "336", "0.48", "0.25"]
-    assert "28/30" in md
-    assert bench.valid_numbers(res) == ["onnxruntime fp32: no accuracy drift", "pytorch eager: no accuracy drift"]
+    assert "28/30" in md and "XNNPACK GEMM ceilings: fp32 100.0, dynamic_int8 200.0, int8 400.0 GFLOP/s" in md
+    assert valid_numbers(res) == ["onnxruntime fp32: no accuracy drift", "pytorch eager: no accuracy drift"]
 
 
 def _cells(line: str) -> list[str]:
@@ -205,31 +200,12 @@ def _cells(line: str) -> list[str]:
 
 
 def test_report_table_missing_values_and_columns():
-    from nailkit.report import table
-
     t = table([{"a": "x", "b": None}, {"a": "y", "b": 1.5}], [("a", "A", "s"), ("b", "B", ".1f")])
     lines = t.splitlines()
     assert _cells(lines[0]) == ["A", "B"] and lines[1].endswith(":|")  # numbers right-aligned
     assert _cells(lines[2]) == ["x", "–"] and _cells(lines[3]) == ["y", "1.5"]
     with pytest.raises(ValueError):
         table([], [])
-
-
-def test_drift_summary_identical_runs_match_fully():
-    from nailkit.postprocess import RawOutputs
-
-    rng = np.random.default_rng(0)
-    q = 20
-    boxes = np.column_stack([rng.uniform(0.2, 0.8, (q, 2)), rng.uniform(0.05, 0.2, (q, 2))])
-    raw = RawOutputs(boxes=boxes, logits=rng.normal(size=(q, 3)), masks=rng.normal(size=(q, 8, 8)))
-    d = bench.drift_summary([raw, raw], [raw, raw], [(64, 48), (64, 48)])
-    assert d["matched"] == d["of"] == 20 and d["matched_top10"] == "20/20"
-    assert d["min_mask_iou"] == 1.0 and d["max_logit_abs"] == 0.0
-    other = RawOutputs(boxes=boxes[::-1], logits=raw.logits[::-1] + 0.5, masks=raw.masks[::-1])
-    d2 = bench.drift_summary([raw], [other], [(64, 48)])
-    assert d2["max_logit_abs"] == pytest.approx(0.5, abs=1e-6)  # query matching undoes the permutation
-    with pytest.raises(ValueError):
-        bench.drift_summary([raw], [], [])
 
 
 def test_fresh_process_measures_rss_for_a_torchscript_file(tmp_path):
@@ -243,12 +219,12 @@ def test_fresh_process_measures_rss_for_a_torchscript_file(tmp_path):
 
     path = tmp_path / "tiny.pt"
     torch.jit.save(torch.jit.trace(Tiny(), torch.zeros(1, 3, 8, 8)), str(path))
-    res = bench.measure_in_fresh_process(BackendSpec("tiny", "torchscript", str(path), 8), runs=2)
+    res = backends.measure_in_fresh_process(BackendSpec("tiny", "torchscript", str(path), 8), runs=2)
     assert res["load_s"] > 0 and res["peak_rss_mb"] >= res["rss_after_import_mb"] > 50
     assert math.isfinite(res["model_rss_mb"])
     bad = BackendSpec("missing", "torchscript", str(tmp_path / "nope.pt"), 8)
     with pytest.raises(RuntimeError, match="missing"):
-        bench.measure_in_fresh_process(bad)
+        backends.measure_in_fresh_process(bad)
 
 
 def test_precision_ceilings_variant_flops_and_their_columns():
@@ -265,30 +241,32 @@ def test_precision_ceilings_variant_flops_and_their_columns():
     assert rows["pytorch eager"]["ceiling"] == "fp32"
     assert rows["pytorch eager"]["ceiling_fraction"] == pytest.approx(86e9 / 0.6 / 200e9)
     assert rows["tflite mq20"]["gflops"] == 80.0 and rows["tflite mq20"]["mask_queries"] == 20
-    assert bench._flop_key(432, True, {"sampling": "tent", "mask_queries": 20}) == "432_tent_mq20"
-    assert bench._flop_key(432, False) == -432 and bench._flop_key(432, True, {}) == 432
+    assert flops.flop_key(432, True, {"sampling": "tent", "mask_queries": 20}) == "432_tent_mq20"
+    assert flops.flop_key(432, False) == -432 and flops.flop_key(432, True, {}) == 432
     md = res.markdown()
     assert "dynamic_int8 400.0" in md and "432 mq20: 80.0 GFLOP" in md
 
 
 def test_measure_ceilings_floors_more_threads_at_the_one_thread_ceiling(monkeypatch):
-    from nailkit import hardware
-
     def fake(threads, seconds=1.0):
-        return [hardware.GemmProbe(p, t, 1, 1, 1, 5, {1: 100.0, 2: 90.0}[t] * (1 + i), 1.0, True)
-                for t in threads for i, p in enumerate(hardware.PRECISIONS)]
+        return [ceilings.GemmProbe(p, t, 1, 1, 1, 5, {1: 100.0, 2: 90.0}[t] * (1 + i), 1.0, True)
+                for t in threads for i, p in enumerate(ceilings.PRECISIONS)]
 
-    monkeypatch.setattr(hardware, "gemm_ceilings", fake)
-    ceil, probes = bench.measure_ceilings([2])
+    monkeypatch.setattr(ceilings, "gemm_ceilings", fake)  # the binding measure_ceilings calls
+    ceil, probes = ceilings.measure_ceilings([2])
     assert list(ceil) == [2] and len(probes) == 6  # the 1-thread probe runs too, as the floor
     assert ceil[2] == {"fp32": 100.0, "dynamic_int8": 200.0, "int8": 300.0}  # 2-thread probe under-measured
 
 
-def test_find_tflite_matches_sidecar_and_never_converts(tmp_path):
+def test_converted_tflite_matches_sidecar_and_hash_and_never_converts(tmp_path):
+    """The benchmark finds converted files through runtime's one discovery: checkpoint, route, precision, resolution
+    and export options from the sidecar, and the file's sha256 still the sidecar's."""
     import json as _json
 
-    from nailkit.artifacts import file_sha256
+    from nailkit.core.artifacts import file_sha256
+    from nailkit.runtime.runners import find_tflite_artifacts
 
+    find = discovery.converted_tflite
     d = tmp_path / "tflite" / "litert_432_abc"
     d.mkdir(parents=True)
     f = d / "model_fp32.tflite"
@@ -296,24 +274,27 @@ def test_find_tflite_matches_sidecar_and_never_converts(tmp_path):
     meta = {"checkpoint_sha256": "sha1", "route": "litert", "resolution": 432, "precision": "fp32",
             "sha256": file_sha256(f, 64)}
     (d / "model_fp32.tflite.json").write_text(_json.dumps(meta))
-    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) == f
+    assert find(tmp_path, "sha1", "litert", "fp32", 432) == f
     f.write_bytes(b"y" * 100)  # edited in place: its sidecar no longer describes it
-    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) is None
+    assert find(tmp_path, "sha1", "litert", "fp32", 432) is None
+    found, notes = find_tflite_artifacts(tmp_path, "sha1")
+    assert found == [] and notes == [f"{f}: skipped (changed since its sidecar was written: sha256 differs)"]
     f.write_bytes(b"x" * 100)
-    assert bench.find_tflite(tmp_path, "other-checkpoint", "litert", "fp32", 432) is None
-    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp16", 432) is None
-    assert bench.find_tflite(tmp_path, "sha1", "onnx2tf", "fp32", 432) is None
+    assert find(tmp_path, "other-checkpoint", "litert", "fp32", 432) is None
+    assert find(tmp_path, "sha1", "litert", "fp16", 432) is None
+    assert find(tmp_path, "sha1", "onnx2tf", "fp32", 432) is None
+    assert find(tmp_path, "sha1", "litert", "fp32", 336) is None
     # a tent / top-N file is found only when asked for, never for the default
     t = tmp_path / "tflite" / "litert_432_tent_def"
     t.mkdir()
     (t / "model_fp32.tflite").write_bytes(b"z" * 100)
     (t / "model_fp32.tflite.json").write_text(_json.dumps(dict(meta, sampling="tent", mask_queries=None,
                                                                 sha256=file_sha256(t / "model_fp32.tflite", 64))))
-    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) == f
-    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432, sampling="tent") == t / "model_fp32.tflite"
-    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432, mask_queries=20) is None
+    assert find(tmp_path, "sha1", "litert", "fp32", 432) == f
+    assert find(tmp_path, "sha1", "litert", "fp32", 432, sampling="tent") == t / "model_fp32.tflite"
+    assert find(tmp_path, "sha1", "litert", "fp32", 432, mask_queries=20) is None
     f.unlink()  # a sidecar without its file is not an artifact
-    assert bench.find_tflite(tmp_path, "sha1", "litert", "fp32", 432) is None
+    assert find(tmp_path, "sha1", "litert", "fp32", 432) is None
 
 
 def test_sweep_rows_speedup_against_same_family_at_base():
@@ -323,9 +304,9 @@ def test_sweep_rows_speedup_against_same_family_at_base():
     lat = {1: {"pytorch eager": LatencyStats("a", [600.0]).summary(),
                "pytorch eager @336": LatencyStats("b", [300.0]).summary(),
                "onnxruntime fp32": LatencyStats("c", [300.0]).summary()}}
-    res = BenchResult(machine={"cpu": "x", "cpu_count": 2}, specs=specs, latency=lat, gemm={}, flops={},
+    res = BenchResult(machine={"cpu": "x", "cpu_count": 2}, specs=specs, latency=lat, flops={},
                       drift={"pytorch eager @336": {"matched_top10": "7/10", "mean_min_mask_iou": 0.8}})
-    rows = {(r["backend"], r["resolution"]): r for r in bench.sweep_rows(res)}
+    rows = {(r["backend"], r["resolution"]): r for r in res.sweep_rows()}
     assert rows[("pytorch eager", 336)]["speedup"] == pytest.approx(2.0)
     assert rows[("pytorch eager", 432)]["speedup"] == pytest.approx(1.0)
     assert rows[("pytorch eager", 336)]["matched_top10"] == "7/10"
@@ -355,7 +336,7 @@ def test_speed_targets_state_each_target_with_its_measurement():
     res.ceilings = {1: {"fp32": 100.0, "dynamic_int8": 400.0, "int8": 400.0}}
     coverage = {"tflite fp32": {"xnnpack_nodes": 1605, "xnnpack_total": 1643, "xnnpack_fraction": 1605 / 1643,
                                 "xnnpack_partitions": 5, "undelegated": {"TOPK_V2": {"count": 1}}}}
-    rows = {t["target"]: t for t in bench.speed_targets(res, coverage, cpu={"int8_dot": ["avx512_vnni"]})}
+    rows = {t["target"]: t for t in targets.speed_targets(res, coverage, cpu={"int8_dot": ["avx512_vnni"]})}
     deleg = rows["≥ 99% of ops on XNNPACK in ≤ 3 partitions (tflite fp32)"]
     assert deleg["met"] is False and "97.7% in 5 partitions" in deleg["measured"] and "TOPK_V2×1" in deleg["why"]
     int8 = next(t for k, t in rows.items() if k.startswith("best int8 TFLite"))
@@ -364,7 +345,7 @@ def test_speed_targets_state_each_target_with_its_measurement():
     assert fp32["met"] is False and "0.97×" in fp32["measured"]
     mq = next(t for k, t in rows.items() if k.startswith("--mask-queries 20"))
     assert mq["met"] is False and "0.968×" in mq["measured"] and "11.2%" in mq["why"] and "9.4% left" in mq["why"]
-    assert bench.table(list(rows.values()), bench.TARGET_COLUMNS).count("\n") == len(rows) + 1
+    assert table(list(rows.values()), bench_report.TARGET_COLUMNS).count("\n") == len(rows) + 1
 
 
 def test_static_int8_rows_are_held_against_the_int8_ceiling():
@@ -376,11 +357,12 @@ def test_static_int8_rows_are_held_against_the_int8_ceiling():
     res.ceilings = {1: {"fp32": 100.0, "dynamic_int8": 400.0, "int8": 800.0}}
     rows = {r["backend"]: r for r in res.rows(1)}
     assert rows["tflite litert w8a8"]["ceiling"] == "int8"  # qs8 kernels: the full-int8 ceiling
-    assert bench.CEILING_OF_PRECISION["w8a16"] == "int8" and set(bench.STATIC_INT8) <= set(bench.CEILING_OF_PRECISION)
-    targets = bench.speed_targets(res, {}, cpu={"int8_dot": ["avx512_vnni"]})
-    best = next(t for t in targets if t["target"].startswith("best int8 TFLite"))
+    assert ceilings.CEILING_OF_PRECISION["w8a16"] == "int8"
+    assert set(targets.STATIC_INT8) <= set(ceilings.CEILING_OF_PRECISION)
+    stated = targets.speed_targets(res, {}, cpu={"int8_dot": ["avx512_vnni"]})
+    best = next(t for t in stated if t["target"].startswith("best int8 TFLite"))
     assert "tflite litert w8a8" in best["measured"]
-    ceil = next(t for t in targets if t["target"].startswith("best int8 file"))
+    ceil = next(t for t in stated if t["target"].startswith("best int8 file"))
     assert "int8 ceiling" in ceil["measured"] and "static selective int8" in ceil["why"]
 
 
@@ -399,9 +381,9 @@ def test_static_int8_rows_compare_with_the_routes_fp32_file(tmp_path):
                                                   meta={"route": "litert", "precision": "fp32"})
     res.latency[1]["tflite litert w8a8"] = LatencyStats("w", [60.0]).summary()
     res.latency[1]["tflite litert fp32"] = LatencyStats("f", [100.0]).summary()
-    rows = bench.static_int8_rows(res, {"tflite litert w8a8": {"xnnpack_fraction": 0.9, "xnnpack_partitions": 4}})
+    rows = targets.static_int8_rows(res, {"tflite litert w8a8": {"xnnpack_fraction": 0.9, "xnnpack_partitions": 4}})
     assert len(rows) == 1
     r = rows[0]
     assert r["x_tflite_fp32"] == pytest.approx(0.6) and r["quantized_linears"] == 81 and r["calibration_images"] == 8
     assert r["control_ratio_max"] == 1.85 and r["xnnpack_partitions"] == 4
-    assert bench.table(rows, bench.STATIC_INT8_COLUMNS).count("\n") == 2
+    assert table(rows, bench_report.STATIC_INT8_COLUMNS).count("\n") == 2

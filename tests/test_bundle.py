@@ -12,24 +12,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nailkit import bundle, gates
+from nailkit import bundle
+from nailkit.verify import gates
+from nailkit.core.outdir import MARKER
+from nailkit.core.paths import PORTABLE_DIR
 
 pytestmark = pytest.mark.slow
 ALLOWED = ("numpy", "PIL", "ai_edge_litert")
+BUNDLE_RES = 240
 BLOCKED = ("torch", "nailkit", "supervision", "tensorflow", "onnxruntime", "rfdetr", "scipy", "cv2")
 
 
 @pytest.fixture(scope="module")
 def tflite_file(outputs_dir, demo_ckpt):
-    from nailkit.tflite import ensure_tflite
+    from nailkit.tflite.convert import ensure_tflite
 
-    path, _ = ensure_tflite(demo_ckpt, outputs_dir, route="litert", precision="fp32")
+    # the random-weight demo at 240 px: the bundle code is the same at any resolution, and this file exists only for
+    # these tests (a 432 conversion cost CI ~3 more minutes); the trained model's 432 bundle is the GPU one below
+    path, _ = ensure_tflite(demo_ckpt, outputs_dir, route="litert", precision="fp32", resolution=BUNDLE_RES)
     return path
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, demo_ckpt, tflite_file):
-    from nailkit.data import sample_images
+    from nailkit.data.samples import sample_images
 
     out = tmp_path_factory.mktemp("b") / "nail_bundle"
     return bundle.make_bundle(demo_ckpt, out, tflite=str(tflite_file), route="litert",
@@ -86,9 +92,10 @@ def run_isolated(bundle_dir: Path, tmp_path: Path, photo: Path, *args: str) -> l
 
 def test_bundle_contents(built, tflite_file):
     names = sorted(p.name for p in built.iterdir())
-    assert names == ["README.md", "io_contract.py", "labels.txt", "model.tflite", "model_card.json", "postprocess.py",
-                     "preprocess.py", "run_bundle.py"]
-    repo = Path(bundle.__file__).parent
+    # + nailkit's marker (nailkit.core.outdir.MARKER): it lists the bundle's files, so a rebuild replaces only those
+    assert names == [MARKER, "README.md", "io_contract.py", "labels.txt", "model.tflite", "model_card.json",
+                     "postprocess.py", "preprocess.py", "run_bundle.py"]
+    repo = PORTABLE_DIR  # nailkit/portable/: copied verbatim
     for name in ("postprocess.py", "preprocess.py", "io_contract.py"):  # the code nailkit itself runs
         assert (built / name).read_bytes() == (repo / name).read_bytes(), name
     assert "from io_contract import TFLiteModel" in (built / "run_bundle.py").read_text()
@@ -96,13 +103,14 @@ def test_bundle_contents(built, tflite_file):
     card = json.loads((built / "model_card.json").read_text())
     assert (built / "labels.txt").read_text().splitlines() == card["labels"] == ["background", "Nail"]
     inp = card["input"]
-    assert inp["shape"] == [1, 432, 432, 3] and inp["layout"] == "NHWC" and inp["dtype"] == "float32"
+    assert inp["shape"] == [1, BUNDLE_RES, BUNDLE_RES, 3] and inp["layout"] == "NHWC" and inp["dtype"] == "float32"
     assert inp["colour_order"] == "RGB" and "no antialias" in inp["resize"]
     assert inp["mean"] == pytest.approx([0.485, 0.456, 0.406]) and inp["std"] == pytest.approx([0.229, 0.224, 0.225])
     meanings = {o["meaning"]: o for o in card["outputs"]}
     assert meanings["pred_boxes"]["shape"] == [1, 200, 4]
     assert meanings["pred_logits"]["shape"] == [1, 200, 3] and "LOGITS" in meanings["pred_logits"]["values"]
-    assert meanings["pred_masks"]["shape"][1:] in ([200, 108, 108], [108, 108, 200])
+    m = BUNDLE_RES // 4  # masks at a quarter of the input
+    assert meanings["pred_masks"]["shape"][1:] in ([200, m, m], [m, m, 200])
     assert len(card["postprocess"]["steps"]) == 5 and card["postprocess"]["num_select"] == 200
     assert card["parity"]["matched"] == card["parity"]["of"] == 20  # fp32: every top-10 detection matches
     assert card["parity"]["min_mask_iou"] >= gates.GATES["consistency_fp32"]["min_mask_iou"]
@@ -114,8 +122,8 @@ def test_bundle_contents(built, tflite_file):
 
 def test_bundle_runs_with_only_numpy_pillow_litert(built, tmp_path):
     """Copy the bundle elsewhere, run it in a fresh isolated interpreter, compare with nailkit's detections."""
-    from nailkit.data import sample_images
-    from nailkit.runtime import make_runner
+    from nailkit.data.samples import sample_images
+    from nailkit.runtime.runners import make_runner
 
     photo = sample_images("photos")[0]
     got = run_isolated(built, tmp_path, photo, "--threshold", "0.0")
@@ -139,6 +147,47 @@ def test_isolation_really_blocks_torch(tmp_path):
                            f"from ai_edge_litert.interpreter import Interpreter; import torch"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def nameless_ckpt(tmp_path_factory, demo_ckpt):
+    """The demo checkpoint with no class names in its args, like rfdetr's COCO-pretrained and bare checkpoints."""
+    import torch
+
+    c = torch.load(demo_ckpt, map_location="cpu", weights_only=False)  # nailkit's own demo file
+    args = c["args"]
+    if isinstance(args, dict):
+        args.pop("class_names", None)
+    else:
+        args.class_names = None
+    path = tmp_path_factory.mktemp("nameless") / "bare_seg.pth"
+    torch.save(c, path)
+    return path
+
+
+def test_checkpoint_without_class_names_converts_and_bundles_by_default(nameless_ckpt, tmp_path, outputs_dir):
+    """`bundle CKPT --out DIR` with no path flags: the default path (litert-torch + xnn sampling, fp32) converts a
+    checkpoint that names no classes; labels, the embedded metadata and the card say "unnamed" with the head's class
+    ids, and the card says which path was chosen and why. At 240 px to keep CI short (same code path as 432)."""
+    from nailkit.tflite import metadata as tflite_metadata
+    from nailkit.cli import build_parser
+    from nailkit.data.samples import sample_images
+
+    args = build_parser().parse_args(["bundle", str(nameless_ckpt), "--out", str(tmp_path / "b")])
+    assert (args.route, args.sampling, args.precision) == (None, None, "fp32")  # the CLI hands make_bundle the defaults
+    out = tmp_path / "bundle"
+    bundle.make_bundle(nameless_ckpt, out, resolution=BUNDLE_RES, images=sample_images("photos")[:2],
+                       latency_runs=2, latency_threads=(1,))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["labels"] == ["unnamed_0", "unnamed_1"]
+    assert (out / "labels.txt").read_text().splitlines() == ["unnamed_0", "unnamed_1"]
+    md = tflite_metadata.read_metadata(out / "model.tflite")
+    assert md["class_names"] == ["unnamed_0", "unnamed_1"] and md["num_classes"] == 2
+    assert md["extra"]["class_names_source"].startswith("unnamed") and md["extra"]["sampling"] == "xnn"
+    path = card["path"]
+    assert (path["route"], path["sampling"], path["precision"], path["chosen"]) == ("litert", "xnn", "fp32", "default")
+    assert "fastest" in path["why"] and path["gate"]["forced_max_abs"] <= gates.GATES["tflite_fp32"]["forced_max_abs"]
+    assert path["xnnpack"]["ops"] >= 0.99 * path["xnnpack"]["of"] and path["xnnpack"]["partitions"] <= 3
 
 
 def test_corrupt_tflite_refused_and_nothing_written(tmp_path, demo_ckpt):
@@ -165,7 +214,7 @@ def test_cli_errors_are_one_line(tmp_path, demo_ckpt, capsys):
 
 @pytest.fixture(scope="module")
 def gpu_built(tmp_path_factory, outputs_dir):
-    from nailkit.data import sample_images
+    from nailkit.data.samples import sample_images
 
     out = tmp_path_factory.mktemp("g") / "nail_gpu_bundle"
     return bundle.make_bundle("", out, target="gpu", output_dir=outputs_dir, images=sample_images("all"),
@@ -173,14 +222,14 @@ def gpu_built(tmp_path_factory, outputs_dir):
 
 
 def test_gpu_bundle_contents(gpu_built):
-    from nailkit import tflite_metadata
+    from nailkit.tflite import metadata as tflite_metadata
 
     names = sorted(p.name for p in gpu_built.iterdir())
-    assert names == ["README.md", "gpu_pipeline.py", "graph_a.tflite", "graph_b.tflite", "graph_c.tflite",
+    assert names == [MARKER, "README.md", "gpu_chain.py", "graph_a.tflite", "graph_b.tflite", "graph_c.tflite",
                      "io_contract.py", "labels.txt", "model_card.json", "postprocess.py", "preprocess.py",
                      "run_bundle.py"]
-    repo = Path(bundle.__file__).parent
-    for name in ("postprocess.py", "preprocess.py", "gpu_pipeline.py"):
+    repo = PORTABLE_DIR  # nailkit/portable/: copied verbatim
+    for name in ("postprocess.py", "preprocess.py", "gpu_chain.py"):
         assert (gpu_built / name).read_bytes() == (repo / name).read_bytes(), name
     card = json.loads((gpu_built / "model_card.json").read_text())
     assert card["target"] == "gpu" and (gpu_built / "labels.txt").read_text().splitlines() == card["labels"]
@@ -194,10 +243,10 @@ def test_gpu_bundle_contents(gpu_built):
 
 def test_gpu_bundle_runs_with_only_numpy_pillow_litert(gpu_built, tmp_path):
     """The GPU bundle's host steps + CPU interpreter in an isolated interpreter equal nailkit's chain."""
-    from nailkit.data import sample_images
-    from nailkit.gpu_pipeline import SplitModel
-    from nailkit.postprocess import postprocess
-    from nailkit.preprocess import preprocess
+    from nailkit.data.samples import sample_images
+    from nailkit.portable.gpu_chain import SplitModel
+    from nailkit.portable.postprocess import postprocess
+    from nailkit.portable.preprocess import preprocess
 
     photo = sample_images("synthetic")[0]
     got = run_isolated(gpu_built, tmp_path, photo, "--threshold", "0.1")

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nailkit.checkpoint import CheckpointError, inspect, load_checkpoint, make_demo_checkpoint
-from nailkit.model import load_model, resolve_checkpoint
+from nailkit.core.artifacts import file_sha256
+from nailkit.model.build import make_demo_checkpoint
+from nailkit.model.checkpoint import CheckpointError, checkpoint_content, inspect_checkpoint, load_checkpoint
+from nailkit.model.build import load_model, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +42,7 @@ def test_demo_checkpoint_is_deterministic(tmp_path, demo_payload):
 
 
 def test_inspect_demo_reports_the_seed_architecture(demo_ckpt):
-    r = inspect(demo_ckpt)
+    r = inspect_checkpoint(demo_ckpt)
     assert (r.encoder, r.patch_size, r.resolution, r.hidden_dim) == ("dinov2_windowed_small", 12, 432, 256)
     assert (r.num_queries, r.group_detr, r.total_queries, r.dec_layers) == (200, 13, 2600, 4)
     assert (r.num_classes, r.num_logits, r.segmentation_head, r.num_windows) == (2, 3, True, 2)
@@ -77,13 +79,13 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
 def test_shapes_win_over_args_and_disagreements_are_flagged(tmp_path, demo_payload):
     args = argparse.Namespace(**vars(demo_payload["args"]))
     args.hidden_dim, args.resolution = 384, 560
-    r = inspect(_save(tmp_path, "x.pth", {"model": demo_payload["model"], "args": args}))
+    r = inspect_checkpoint(_save(tmp_path, "x.pth", {"model": demo_payload["model"], "args": args}))
     assert r.hidden_dim == 256 and r.resolution == 432
     assert any("hidden_dim" in d for d in r.disagreements) and any("resolution" in d for d in r.disagreements)
 
 
 def test_bare_state_dict_and_dict_args_and_training_checkpoint(tmp_path, demo_payload):
-    bare = inspect(_save(tmp_path, "bare.pth", demo_payload["model"]))
+    bare = inspect_checkpoint(_save(tmp_path, "bare.pth", demo_payload["model"]))
     assert bare.format == "bare state_dict" and bare.resolution == 432 and bare.group_detr == 13
     assert bare.sources["group_detr"] == "default" and bare.class_names is None
     as_dict = dict(vars(demo_payload["args"]))
@@ -91,7 +93,7 @@ def test_bare_state_dict_and_dict_args_and_training_checkpoint(tmp_path, demo_pa
     training = {"model": demo_payload["model"], "args": as_dict, "optimizer": {"state": {}, "param_groups": []},
                 "lr_scheduler": {"last_epoch": 3}, "ema_model": demo_payload["model"], "epoch": 3}
     p = _save(tmp_path, "checkpoint_best_total.pth", training)
-    r = inspect(p)
+    r = inspect_checkpoint(p)
     assert r.class_names == ["background", "Nail"] and r.rfdetr_class == "RFDETRSegPreview"
     assert {"optimizer", "lr_scheduler", "ema_model", "epoch"} <= set(r.extra_keys)
     rf = load_model(p)  # no model_name stored: nailkit infers the class from shapes
@@ -114,14 +116,14 @@ def test_empty_file(tmp_path):
     p = tmp_path / "empty.pth"
     p.write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty\.pth: file is empty"):
-        inspect(p)
+        inspect_checkpoint(p)
 
 
 def test_truncated_file(tmp_path, demo_ckpt):
     p = tmp_path / "trunc.pth"
-    p.write_bytes(demo_ckpt.read_bytes()[: 5_000_000])
+    p.write_bytes(demo_ckpt.path.read_bytes()[: 5_000_000])
     with pytest.raises(CheckpointError, match=r"trunc\.pth: truncated or corrupt"):
-        inspect(p)
+        inspect_checkpoint(p)
 
 
 @pytest.mark.parametrize("content,kind", [
@@ -134,7 +136,7 @@ def test_non_checkpoint_files(tmp_path, content, kind):
     p = tmp_path / "model.pth"
     p.write_bytes(content)
     with pytest.raises(CheckpointError, match=rf"model\.pth: this is .*{kind}.*, not a PyTorch checkpoint"):
-        inspect(p)
+        inspect_checkpoint(p)
 
 
 def test_real_onnx_file_is_refused(tmp_path):
@@ -147,13 +149,13 @@ def test_real_onnx_file_is_refused(tmp_path):
     p = tmp_path / "m.onnx"
     onnx.save(helper.make_model(g, producer_name="pytorch"), p)
     with pytest.raises(CheckpointError, match="ONNX"):
-        inspect(p)
+        inspect_checkpoint(p)
 
 
 def test_non_rfdetr_state_dict(tmp_path):
     p = _save(tmp_path, "resnet.pth", {"conv1.weight": torch.zeros(3, 3)})
     with pytest.raises(CheckpointError, match="not an RF-DETR"):
-        inspect(p)
+        inspect_checkpoint(p)
 
 
 class Custom:  # a pickled object weights_only loading refuses
@@ -164,8 +166,8 @@ def test_untrusted_pickle_needs_trusted_flag(tmp_path, demo_payload):
     p = _save(tmp_path, "pickled.pth", {"model": demo_payload["model"], "args": demo_payload["args"],
                                          "extra": Custom()})
     with pytest.raises(CheckpointError, match="trusted=True"):
-        inspect(p)
-    assert inspect(p, trusted=True).resolution == 432
+        inspect_checkpoint(p)
+    assert inspect_checkpoint(p, trusted=True).resolution == 432
 
 
 def test_detection_only_checkpoint(tmp_path, demo_payload):
@@ -173,7 +175,7 @@ def test_detection_only_checkpoint(tmp_path, demo_payload):
     args = argparse.Namespace(**vars(demo_payload["args"]))
     args.segmentation_head = False
     p = _save(tmp_path, "det.pth", {"model": sd, "args": args})
-    r = inspect(p)
+    r = inspect_checkpoint(p)
     assert r.segmentation_head is False and r.disagreements == []
     with pytest.raises(CheckpointError, match="detection-only checkpoint"):
         load_model(p)
@@ -193,10 +195,56 @@ def test_registry_name_is_refused_not_downloaded():
 
 
 def test_empty_path_means_the_trained_demo_model():
-    from nailkit.model import TRAINED_DEMO
+    from nailkit.model.build import TRAINED_DEMO
 
-    assert resolve_checkpoint("") == TRAINED_DEMO
-    rep = inspect(TRAINED_DEMO)  # the committed model is the seed's architecture, trained: classes ['Nail']
+    assert resolve_checkpoint("").path == TRAINED_DEMO
+    rep = inspect_checkpoint(TRAINED_DEMO)  # the committed model is the seed's architecture, trained: classes ['Nail']
     assert (rep.rfdetr_class, rep.num_queries, rep.group_detr, rep.dec_layers, rep.num_classes) == (
         "RFDETRSegPreview", 200, 13, 4, 2)
     assert rep.class_names == ["Nail"]
+
+
+def test_checkpoint_content_ignores_the_file_name(tmp_path):
+    import torch
+
+    payload = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "args": {"class_names": ["Nail"]}}
+    a, b = tmp_path / "a.pth", tmp_path / "checkpoint_best_total.pth"
+    torch.save(payload, a)
+    torch.save(payload, b)
+    assert file_sha256(a) != file_sha256(b)  # torch.save records the name
+    assert checkpoint_content(a) == checkpoint_content(b)
+    payload["model"]["w"] = payload["model"]["w"] + 1e-3
+    torch.save(payload, b)
+    assert checkpoint_content(a) != checkpoint_content(b)  # other weights
+    payload["model"]["w"] = payload["model"]["w"] - 1e-3
+    payload["args"]["class_names"] = ["Nail", "Cuticle"]
+    torch.save(payload, a)
+    assert checkpoint_content(a) != checkpoint_content(b)  # other config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nailkit.core.subproc
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_object_is_resolved_once_and_loaded_once(demo_ckpt, monkeypatch):
+    """An entry point resolves a Checkpoint; every layer below gets the same object back, and its content hash,
+    report and args come from one load of the file (a second load_model fills nothing again)."""
+    import os
+
+    from nailkit.model import checkpoint as C
+    from nailkit.model.checkpoint import Checkpoint
+
+    ckpt = resolve_checkpoint(str(demo_ckpt))
+    assert isinstance(ckpt, Checkpoint) and resolve_checkpoint(ckpt) is ckpt
+    assert os.fspath(ckpt) == str(demo_ckpt) and Path(ckpt) == demo_ckpt.path and ckpt.name == demo_ckpt.path.name
+    loads = []
+    real = C.load_checkpoint
+    monkeypatch.setattr(C, "load_checkpoint", lambda *a, **k: loads.append(a) or real(*a, **k))
+    assert ckpt.content == checkpoint_content(demo_ckpt.path, length=64)  # the object's hash = the path's
+    n = len(loads)
+    assert ckpt.report.rfdetr_class == "RFDETRSegPreview" and ckpt.args["class_names"] == ["background", "Nail"]
+    assert checkpoint_content(ckpt) == ckpt.content[:16] and len(loads) == n  # nothing loaded again
+    assert ckpt.sha256(64) == file_sha256(demo_ckpt.path, 64) and ckpt.sha256() == ckpt.sha256(64)[:12]
+    rf = load_model(ckpt)
+    assert not hasattr(rf, "nailkit_checkpoint") and not hasattr(rf, "nailkit_report")  # nothing patched on rf

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nailkit import cli, notebooks
+from nailkit import cli
+from nailkit.core import notebooks
 
 
 @pytest.mark.parametrize("exc", [KeyError("class_names"), TypeError("'NoneType' object is not subscriptable"),
@@ -70,7 +71,7 @@ def test_workbook_passes_an_absolute_checkpoint(tmp_path, monkeypatch, capsys):
 def test_main_turns_the_offline_guard_on(monkeypatch):
     import socket
 
-    from nailkit import offline
+    from nailkit.core import offline
 
     monkeypatch.setattr(socket, "getaddrinfo", offline._real_getaddrinfo)  # no guard before main() runs
     cli.main(["strip-notebooks", str(Path(__file__).parent / "no-such-dir")])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nailkit import data
+from nailkit.data import samples as data
 
 
 def test_synthetic_hand_is_deterministic_and_has_five_nails():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nailkit import dataset as D
+from nailkit.data import dataset as D
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_roboflow_layout_and_seed_class_layout(small):
             with Image.open(small / split / im["file_name"]) as img:
                 assert img.format == "JPEG" and img.size == (im["width"], im["height"])
     # rfdetr's label space over it is exactly one class named Nail (num_classes=2 → class head [3, 256])
-    from nailkit.evaluate import _kept_categories
+    from nailkit.accuracy.evaluate import _kept_categories
 
     assert [c["name"] for c in _kept_categories(json.loads((small / "train" / D.ANNOTATIONS).read_text()))] == ["Nail"]
 

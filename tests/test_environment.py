@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from nailkit import envcheck, subproc
+from nailkit.core import envcheck
+from nailkit.core import subproc
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,18 +87,21 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in ci and "make test" in readme and "make workbook" in readme
 
 
+def _has_outputs(path: Path) -> bool:
+    nb = json.loads(path.read_text())
+    return any(c.get("outputs") or c.get("execution_count") for c in nb.get("cells", []) if c["cell_type"] == "code")
+
+
 def test_committed_notebooks_carry_no_outputs():
-    from nailkit.notebooks import NOTEBOOK_DIR, has_outputs
+    from nailkit.core.notebooks import NOTEBOOK_DIR
 
     nbs = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
     assert nbs, "no notebooks found"
-    assert [p.name for p in nbs if has_outputs(p)] == []
+    assert [p.name for p in nbs if _has_outputs(p)] == []
 
 
 def test_each_notebook_has_exactly_one_parameters_cell():
-    import json
-
-    from nailkit.notebooks import NOTEBOOK_DIR
+    from nailkit.core.notebooks import NOTEBOOK_DIR
 
     for p in sorted(NOTEBOOK_DIR.glob("*.ipynb")):
         cells = json.loads(p.read_text())["cells"]

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from nailkit import dataset as D
-from nailkit.evaluate import evaluate, label_to_category, match_at_threshold
-from nailkit.postprocess import Prediction
+from nailkit.data import dataset as D
+from nailkit.accuracy.evaluate import evaluate, label_to_category, match_at_threshold
+from nailkit.portable.postprocess import Prediction
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_cli_errors_are_one_line(tmp_path, demo_ckpt, capsys):
 
 
 def test_accuracy_gates_and_quality_bar():
-    from nailkit import gates
+    from nailkit.verify import gates
 
     assert gates.check("accuracy_fp32", {"d_mask_map50_95_pt": -0.05}) == []
     assert gates.check("accuracy_fp32", {"d_mask_map50_95_pt": -0.2})  # 0.2 pt drop > 0.1
@@ -144,7 +144,8 @@ def test_accuracy_gates_and_quality_bar():
 
 
 def test_static_int8_is_held_to_the_int8_accuracy_gate():
-    from nailkit import evaluate as ev, gates
+    from nailkit.accuracy import evaluate as ev
+    from nailkit.verify import gates
 
     assert ev.accuracy_stage("w8a8") == ev.accuracy_stage("w8a16") == "accuracy_int8"
     assert ev.accuracy_stage("fp16") == "accuracy_fp16"

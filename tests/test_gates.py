@@ -1,4 +1,4 @@
-"""nailkit.gates: every tolerance as data, one check(stage, metrics) -> failures."""
+"""nailkit.verify.gates: every tolerance as data, one check(stage, metrics) -> failures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nailkit import gates
+from nailkit.verify import gates
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""nailkit.gpu: the flatbuffer op check, the GPU delegate's own verdict under SwiftShader, fp16 safety, and the
+"""nailkit.gpu.delegate: the flatbuffer op check, the GPU delegate's own verdict under SwiftShader, fp16 safety, and the
 GPU-clean replacements (tent-matmul sampler, ≤4-D windowing and deformable attention, SafeLayerNorm, sine embed).
 
 The delegate tests need SwiftShader's Vulkan driver (`apt-get install -y chromium libvulkan1`, done by the Makefile);
@@ -8,11 +8,15 @@ converter).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from nailkit import gpu, gpu_graphs
+from _probes import write_probe_model
+from nailkit.gpu import delegate as gpu
+from nailkit.gpu import graphs as gpu_graphs
 
 GPU_REASON = gpu.gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU delegate check: {GPU_REASON}")
@@ -32,7 +36,7 @@ I0000 delegate_kernel.cc:984] Initializing WebGPU-based API from graph.
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
     d = tmp_path_factory.mktemp("probes")
-    return {k: gpu.write_probe_model(d / f"{k}.tflite", k) for k in ("clean", "blocked", "rank2_const")}
+    return {k: write_probe_model(d / f"{k}.tflite", k) for k in ("clean", "blocked", "rank2_const")}
 
 
 def test_parse_delegate_log():
@@ -40,7 +44,8 @@ def test_parse_delegate_log():
     assert p["adapter"].startswith("SwiftShader Device")
     assert (p["ops_on_gpu"], p["ops_on_cpu"]) == (9, 5)
     assert [r["op"] for r in p["refusals"]] == ["GATHER_ND", "MUL", "SUB"]
-    assert p["refusals"][1] == {"op": "MUL", "reason": "Tensor dimensions must be less than 5.", "where": "__main__.M;16"}
+    assert p["refusals"][1] == {"op": "MUL", "reason": "Tensor dimensions must be less than 5.",
+                                "where": "__main__.M;16"}
     assert p["refusals"][2]["reason"] == "Max version supported: 2. Requested version 3."
 
 
@@ -68,6 +73,38 @@ def test_unavailable_reason_is_one_line(monkeypatch, probes):
     assert why and "\n" not in why and "chromium" in why
     v = gpu.delegate_verdict(probes["clean"])
     assert not v.available and not v.ok and v.line().startswith("GPU check skipped:")
+
+
+def test_delegate_child_goes_through_run_python(monkeypatch, probes):
+    """The verdict's child runs under ``subproc.run_python`` (killed with its process group at the timeout); a child
+    that dies says so with its exit status and last line, one that times out says that, and a verdict reported
+    before a crash on exit is kept."""
+    calls = []
+
+    def fake(args, *, desc, timeout, log_path, progress, env, outcome):
+        calls.append((args, env))
+        log_path.write_text("$ python -m ...\nI0000 environment.cc:532] Selected adapter: SwiftShader Device\n"
+                            "Fatal Python error: Segmentation fault\n")
+        if outcome == "timeout":
+            raise gpu.subproc.WorkerError("timed out", timed_out=True)
+        result = {"compiled": True, "fully_accelerated": True, "error": "", "run_ms": 1.0, "outputs": []}
+        raise gpu.subproc.WorkerError("failed", returncode=-11, result=result if outcome == "crash" else None)
+
+    monkeypatch.setattr(gpu, "gpu_unavailable_reason", lambda: None)
+    for outcome in ("died", "timeout", "crash"):
+        monkeypatch.setattr(gpu.subproc, "run_python", lambda *a, o=outcome, **k: fake(*a, outcome=o, **k))
+        v = gpu.delegate_verdict(probes["clean"], timeout=7)
+        assert v.adapter == "SwiftShader Device" and "$ python" not in v.log_tail
+        if outcome == "died":
+            assert v.error == "GPU child process died (rc -11): Fatal Python error: Segmentation fault"
+        elif outcome == "timeout":
+            assert v.error == "GPU run timed out after 7 s" and not v.compiled
+        else:
+            assert v.compiled and v.fully_accelerated and not v.error and v.ops_on_gpu == v.ops_total == 2
+    args, env = calls[0]
+    assert args[:3] == ["-m", "nailkit.gpu.delegate", "_verdict"] and env["XDG_RUNTIME_DIR"].endswith("xdg")
+    assert env["NAILKIT_OFFLINE"] in ("0", "1") and env.get("TF_CPP_MIN_LOG_LEVEL") == os.environ.get(
+        "TF_CPP_MIN_LOG_LEVEL", "0")  # the delegate's INFO lines are the verdict
 
 
 @needs_gpu
@@ -208,8 +245,8 @@ def test_op_check_flags_rank2_constant_binary_op(probes):
 
 @needs_gpu
 def test_delegate_computes_rank2_constant_add_wrong_and_the_lift_fixes_it(probes, tmp_path, cpu_run):
-    """The defect behind nailkit.tflite_passes, on the real delegate: compiled, 'fully accelerated', and wrong."""
-    from nailkit.tflite_passes import lift_constant_binary_ops
+    """The defect behind nailkit.tflite.passes, on the real delegate: compiled, 'fully accelerated', and wrong."""
+    from nailkit.tflite.passes import lift_constant_binary_ops
 
     x = np.random.default_rng(0).standard_normal((24, 32)).astype(np.float32)
     want = x + np.linspace(-3, 3, 24 * 32, dtype=np.float32).reshape(24, 32)

@@ -1,4 +1,4 @@
-"""nailkit.io_contract: outputs identified by shape and meaning (one rule), (de)quantisation, numpy-only."""
+"""nailkit.portable.io_contract: outputs identified by shape and meaning (one rule), (de)quantisation, numpy-only."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nailkit import io_contract
-from nailkit.io_contract import dequantize, identify_outputs, input_layout, mask_layout, quantize
+from nailkit.portable import io_contract
+from nailkit.portable.io_contract import dequantize, identify_outputs, input_layout, mask_layout, quantize
 
 
 def _d(name, shape, dtype=np.float32, quantization=(0.0, 0)):

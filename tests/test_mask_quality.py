@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nailkit import mask_quality as mq
+from nailkit.accuracy import mask_quality as mq
+from nailkit.verify.parity import mask_iou
 
 
 def disk(h, w, cy, cx, r):
@@ -28,7 +29,7 @@ def test_boundary_iou_is_stricter_than_mask_iou_on_a_big_object():
     """A one-pixel shift of a large object barely moves mask IoU but costs boundary IoU (the metric's point)."""
     a = disk(400, 400, 200, 200, 150)
     b = np.roll(a, 3, axis=1)
-    assert mq.mask_iou(a, b) > 0.97
+    assert mask_iou(a, b) > 0.97
     assert mq.boundary_iou(a, b) < 0.85
     assert mq.boundary_iou(a, b) > mq.boundary_iou(a, np.roll(a, 8, axis=1))
 
@@ -50,8 +51,8 @@ def test_boundary_f_tolerance():
 
 def test_upsampling_quality_on_synthetic_ground_truth():
     """Bilinear-on-logits (the default) beats a nearest resize of the thresholded ¼-res mask on boundary IoU."""
-    from nailkit.data import ground_truth_mask, sample_images
-    from nailkit.preprocess import load_image
+    from nailkit.data.samples import ground_truth_mask, sample_images
+    from nailkit.portable.preprocess import load_image
 
     items = [(load_image(p), ground_truth_mask(p)) for p in sample_images(kind="synthetic")]
     items = [(i, g) for i, g in items if g is not None]
@@ -72,8 +73,8 @@ def test_prediction_quality_matching():
 
 def test_split_boundary_quality_oracle_runner_matches_the_upsampling_ceiling(tmp_path):
     """A runner whose ¼-res mask logits are made from the ground truth scores what the upsampling alone scores."""
-    from nailkit.dataset import instance_masks, load_split, make_split
-    from nailkit.postprocess import RawOutputs
+    from nailkit.data.dataset import instance_masks, load_split, make_split
+    from nailkit.portable.postprocess import RawOutputs
 
     make_split(tmp_path, "test", 4, seed=3)
     sp = load_split(tmp_path, "test")

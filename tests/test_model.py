@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nailkit.model import export_module, select_queries
+from nailkit.model.build import export_module, select_queries
 
 
 def test_select_queries_is_a_stable_descending_topk():
@@ -56,7 +56,7 @@ def test_mask_queries_keep_the_top_n_rows_of_the_full_model(full_and_selected):
 
 
 def test_mask_queries_predictions_identical_to_full_model(full_and_selected):
-    from nailkit.postprocess import RawOutputs, postprocess
+    from nailkit.portable.postprocess import RawOutputs, postprocess
 
     _, _, (fb, fl, fm), (b, l, m, idx), _ = full_and_selected
     size = (640, 480)
@@ -71,7 +71,7 @@ def test_mask_queries_predictions_identical_to_full_model(full_and_selected):
 
 
 def test_mask_queries_keeps_one_topk_for_selection_aware_parity(full_and_selected):
-    from nailkit.parity import run_torch_with_selection
+    from nailkit.verify.parity import run_torch_with_selection
 
     full, sel, _, _, x = full_and_selected
     res_full = run_torch_with_selection(full, x.numpy())

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nailkit.notebooks import OUTPUT_DIR, QUICK_PARAMETERS, notebook_paths, run_notebook
+from nailkit.core.notebooks import OUTPUT_DIR, QUICK_PARAMETERS, notebook_paths, run_notebook
 
 NOTEBOOKS = notebook_paths()
 
@@ -17,6 +17,20 @@ def test_the_seven_numbered_notebooks_exist_in_order():
     assert stems == sorted(stems)
     assert [s[:2] for s in stems] == ["01", "02", "03", "04", "05", "06", "07"], stems
     assert list(QUICK_PARAMETERS) == stems
+
+
+def test_notebook_times_table_keeps_the_latest_run_of_each(tmp_path):
+    from nailkit.core.notebooks import TIMES_FILE, record_time, time_table
+
+    record_time("04_tflite_conversion", 600.0, True, tmp_path)
+    record_time("05_inference_testing", 90.0, False, tmp_path)
+    record_time("04_tflite_conversion", 300.0, True, tmp_path)  # a rerun replaces the row
+    times = json.loads((tmp_path / TIMES_FILE).read_text())
+    assert times["04_tflite_conversion"]["seconds"] == 300.0 and not times["05_inference_testing"]["ok"]
+    table = (tmp_path / "notebook_times.md").read_text()
+    assert "| 04_tflite_conversion | 5.0 | ok |" in table and "| 05_inference_testing | 1.5 | FAILED |" in table
+    assert "| **all 2** | **6.5** |" in table
+    assert "04_" not in time_table(times, since=times["05_inference_testing"]["finished_at"] + 1)
 
 
 @pytest.mark.notebook

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,7 +11,19 @@ import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from nailkit import onnx_passes as P
+from nailkit.export import onnx_passes as P
+
+
+def ort_outputs(model_or_path: Any, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Run a ModelProto (or path) in onnxruntime, graph optimisations off; returns {output name: array}."""
+    import onnxruntime as ort
+
+    data = model_or_path if isinstance(model_or_path, (str, bytes)) else model_or_path.SerializeToString()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
 
 
 def _gridsample_model(seed: int = 0) -> onnx.ModelProto:
@@ -40,11 +53,11 @@ def _feed(seed: int = 1) -> dict[str, np.ndarray]:
 
 def test_gridsample_pass_is_harmless_and_removes_gridsample():
     m = _gridsample_model()
-    ref = P.ort_outputs(m, _feed())["out"]
+    ref = ort_outputs(m, _feed())["out"]
     out = P.apply_passes(m, ["gridsample"])
     assert "GridSample" not in P.op_counts(out)
     assert P.op_counts(out).get("Gather", 0) >= 4  # 4 bilinear corners (+ shape lookups)
-    np.testing.assert_allclose(P.ort_outputs(out, _feed())["out"], ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ort_outputs(out, _feed())["out"], ref, atol=1e-5, rtol=0)
 
 
 def test_gridsample_formulations_are_pluggable():
@@ -79,10 +92,10 @@ def test_expose_selection_adds_topk_tensors():
     m.ir_version = 8
     out = P.expose_selection(m)
     feed = {"input": np.random.default_rng(0).normal(size=(1, 50)).astype(np.float32)}
-    res = P.ort_outputs(out, feed)
+    res = ort_outputs(out, feed)
     np.testing.assert_array_equal(res["enc_scores"], feed["input"])
     np.testing.assert_array_equal(res["topk_indices"][0], np.argsort(-feed["input"][0])[:5])
-    np.testing.assert_array_equal(res["out"], P.ort_outputs(m, feed)["out"])
+    np.testing.assert_array_equal(res["out"], ort_outputs(m, feed)["out"])
 
 
 @pytest.mark.slow
@@ -91,10 +104,10 @@ def test_gridsample_rewrite_is_exact_through_onnx2tf(tmp_path: Path):
     on this small graph: it already emits flat GATHERs — see the report on which passes the full model needs)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from nailkit.tflite import convert_onnx_file
+    from nailkit.tflite.convert import convert_onnx_file
 
     m = _gridsample_model()
-    ref = P.ort_outputs(m, _feed())["out"]
+    ref = ort_outputs(m, _feed())["out"]
     x_nhwc = np.transpose(_feed()["input"], (0, 2, 3, 1))
     errs = {}
     for name, model in (("raw", m), ("pass", P.apply_passes(m, ["gridsample"]))):
@@ -115,15 +128,15 @@ def test_gridsample_rewrite_is_exact_through_onnx2tf(tmp_path: Path):
 @pytest.mark.slow
 def test_passes_are_harmless_on_the_real_model(demo_ckpt, outputs_dir):
     """On the exported demo model, every registered pass (and exposing the selection) leaves ORT outputs unchanged."""
-    from nailkit.data import sample_images
-    from nailkit.onnx_export import ensure_onnx
-    from nailkit.preprocess import preprocess
+    from nailkit.data.samples import sample_images
+    from nailkit.export.onnx import ensure_onnx
+    from nailkit.portable.preprocess import preprocess
 
     path, _ = ensure_onnx(demo_ckpt, outputs_dir, resolution=432)
     base = onnx.load(str(path))
     feed = {"input": preprocess(sample_images("photos")[0], 432)[0]}
-    ref = P.ort_outputs(base, feed)
-    out = P.ort_outputs(P.expose_selection(P.apply_passes(base, sorted(P.PASSES))), feed)
+    ref = ort_outputs(base, feed)
+    out = ort_outputs(P.expose_selection(P.apply_passes(base, sorted(P.PASSES))), feed)
     for name, want in ref.items():
         np.testing.assert_allclose(out[name], want, atol=1e-5, rtol=0, err_msg=name)
     assert out["enc_scores"].shape == (1, (432 // 12) ** 2) and out["topk_indices"].shape == (1, 200)

@@ -1,4 +1,4 @@
-"""nailkit.opscan: grouping, symbolic registry, input capture, bisection (toy model + the real raw rfdetr model)."""
+"""nailkit.export.opscan: grouping, symbolic registry, input capture, bisection (toy model + the real raw rfdetr model)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nailkit import opscan
+from nailkit.export import opscan
 
 
 def test_classify_path_groups_rfdetr_modules():

@@ -1,13 +1,15 @@
-"""Unit tests of nailkit.parity (numpy only, fast)."""
+"""Unit tests of nailkit.verify.parity (numpy only, fast)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nailkit.parity import (box_iou, detection_parity, mask_iou, match_detections, match_queries,
+from nailkit.verify.parity import (box_iou, detection_parity, mask_iou, match_detections, match_queries,
                             query_matched_diff, raw_from_outputs, tensor_diff)
-from nailkit.postprocess import RawOutputs, postprocess
+from nailkit.portable.postprocess import RawOutputs, postprocess
+
+import _ties
 
 
 def _raw(seed=0, q=20, c=3, hw=8):
@@ -61,8 +63,7 @@ def test_match_detections_by_iou_not_rank():
     raw = _raw()
     pa = postprocess(raw, (64, 48), threshold=0.0, num_select=10)
     idx = np.arange(len(pa))[::-1]  # reversed rank
-    from nailkit.parity import _take
-    pb = _take(pa, idx)
+    pb = pa.subset(idx)
     res = match_detections(pa, pb)
     assert res.num_matched == len(pa) and res.agrees()
     assert all(idx[m.b_idx] == m.a_idx for m in res.matches if m.box_iou == 1.0)
@@ -80,3 +81,13 @@ def test_detection_parity_agrees_on_copy_and_fails_on_moved_box():
 def test_raw_from_outputs_drops_batch():
     r = raw_from_outputs([np.zeros((1, 5, 4)), np.zeros((1, 5, 3))])
     assert r.boxes.shape == (5, 4) and r.masks is None
+
+
+def test_tie_order_allows_only_near_ties_to_swap():
+    xy = np.array([[0, 0, 1, 1], [5, 5, 6, 6], [9, 9, 10, 10]], float)
+    conf = np.array([0.9, 0.70001, 0.7])
+    assert _ties.tie_order(conf, [0, 1, 0], xy, conf, [0, 1, 0], xy).tolist() == [0, 1, 2]
+    swapped = _ties.tie_order(conf, [0, 1, 0], xy, conf[[0, 2, 1]], [0, 0, 1], xy[[0, 2, 1]])
+    assert swapped.tolist() == [0, 2, 1]
+    with pytest.raises(AssertionError, match="no counterpart"):  # a swap of scores 0.4 apart is no near-tie
+        _ties.tie_order([0.9, 0.5], [0, 1], xy[:2], [0.5, 0.9], [1, 0], xy[[1, 0]])

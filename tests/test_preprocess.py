@@ -1,4 +1,4 @@
-"""nailkit.preprocess equals rfdetr's own preprocessing (torchvision resize without antialias + ImageNet norm)."""
+"""nailkit.portable.preprocess equals rfdetr's own preprocessing (torchvision resize without antialias + ImageNet norm)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from nailkit.data import sample_images
-from nailkit.preprocess import (IMAGENET_MEAN, IMAGENET_STD, ImageError, bilinear_resize, load_image, preprocess,
+from nailkit.data.samples import sample_images
+from nailkit.portable.preprocess import (IMAGENET_MEAN, IMAGENET_STD, ImageError, bilinear_resize, load_image, preprocess,
                                 to_nhwc)
 
 R = 432

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nailkit import quantize as Q
-from nailkit import tflite_passes
+from nailkit.tflite import quantize as Q
+from nailkit.tflite import passes as tflite_passes
 
 BACKBONE_T = "m/rfdetr.models.backbone.Joiner_backbone/torch.nn.modules.linear.Linear_fc;"
 DECODER_T = "m/rfdetr.models.transformer.Transformer_transformer/torch.nn.modules.linear.Linear_fc;"
@@ -178,7 +178,7 @@ def _coco_split(tmp_path, n=5):
 
 
 def test_calibration_inputs_use_predict_preprocessing(tmp_path):
-    from nailkit.preprocess import preprocess, to_nhwc
+    from nailkit.portable.preprocess import preprocess, to_nhwc
 
     d = _coco_split(tmp_path)
     picked = Q.calibration_images(d, n=3, seed=0)

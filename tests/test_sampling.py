@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from nailkit.sampling import (
+from nailkit.model.sampling import (
     SAMPLERS,
     TentMSDeformAttn,
     count_samplers,
@@ -107,7 +107,7 @@ def test_swap_is_in_place_reversible_and_validated():
 
 
 def test_export_module_with_tent_sampling_matches(demo_model):
-    from nailkit.model import export_module
+    from nailkit.model.build import export_module
 
     base = export_module(demo_model)
     tent = export_module(demo_model, sampling="tent")

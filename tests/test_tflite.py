@@ -1,4 +1,4 @@
-"""nailkit.tflite: refusal of corrupt files, content-keyed caching, gate before publish, atomic artifacts."""
+"""nailkit.tflite.convert: refusal of corrupt files, content-keyed caching, gate before publish, atomic artifacts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nailkit import artifacts, gates, tflite
-from nailkit.artifacts import file_sha256
+from nailkit.verify import gates
+from nailkit.tflite import convert as tflite
+from nailkit.core.artifacts import file_sha256
+from nailkit.model.checkpoint import checkpoint_content
 
 
 def _fake_tflite_bytes(tag: bytes = b"") -> bytes:
@@ -99,7 +101,7 @@ def test_same_weights_under_another_name_hit_the_cache(tmp_path: Path, demo_ckpt
     renamed = tmp_path / "checkpoint_best_total.pth"
     torch.save(torch.load(demo_ckpt, map_location="cpu", weights_only=False), renamed)
     assert file_sha256(renamed) != file_sha256(demo_ckpt)
-    assert artifacts.checkpoint_content(renamed) == artifacts.checkpoint_content(demo_ckpt)
+    assert checkpoint_content(renamed) == checkpoint_content(demo_ckpt)
     tflite.ensure_tflite(renamed, tmp_path, "litert", "fp32", 432, verify=False)
     assert len(calls) == 1
 
@@ -189,7 +191,7 @@ def test_bad_route_and_precision_are_refused(demo_ckpt, tmp_path):
 def test_failing_onnx_gate_stops_convert_and_bundle(tmp_path, demo_ckpt, monkeypatch, capsys):
     """The ONNX gate fails: `convert` and `bundle` exit 2 with one line naming the file; nothing is published and no
     conversion worker runs (there is no fallback to an unverified export)."""
-    from nailkit import onnx_export
+    from nailkit.export import onnx as onnx_export
     from nailkit.cli import main
 
     def fake_export(rf, out_path, **kw):
@@ -208,11 +210,13 @@ def test_failing_onnx_gate_stops_convert_and_bundle(tmp_path, demo_ckpt, monkeyp
     monkeypatch.setattr(onnx_export, "export_onnx_with_meta", fake_export)
     monkeypatch.setattr(onnx_export, "verify_onnx", failing_verify)
     monkeypatch.setattr(tflite, "run_worker", no_worker)
-    import nailkit.model
+    import nailkit.bundle
+    import nailkit.model.build
 
     # bundle keeps its artifacts in the default outputs/ folder: point that at this test's folder, so an ONNX that
     # another test verified and cached there cannot stand in for the failing export
-    monkeypatch.setattr(nailkit.model, "DEFAULT_OUTPUT_DIR", tmp_path / "out")
+    monkeypatch.setattr(nailkit.model.build, "DEFAULT_OUTPUT_DIR", tmp_path / "out")
+    monkeypatch.setattr(nailkit.bundle, "DEFAULT_OUTPUT_DIR", tmp_path / "out")  # the bundle's binding
     out = tmp_path / "out"
     for argv in (["convert", str(demo_ckpt), "--out", str(out), "--route", "onnx2tf", "--precision", "fp32"],
                  ["bundle", str(demo_ckpt), "--out", str(out / "bundle"), "--route", "onnx2tf"]):
@@ -228,7 +232,7 @@ def test_failing_onnx_gate_stops_convert_and_bundle(tmp_path, demo_ckpt, monkeyp
 
 def test_artifact_parity_passes_the_gates_tie_eps(monkeypatch):
     """``tie_eps`` reaches the parity function: the gate's number, not a default of its own."""
-    from nailkit import gates, parity
+    from nailkit.verify import gates
 
     seen = {}
 
@@ -251,8 +255,8 @@ def test_artifact_parity_passes_the_gates_tie_eps(monkeypatch):
                 "detect": {"min_mask_iou": 1.0}}
 
     monkeypatch.setattr(tflite, "TFLiteModel", FakeModel)
-    monkeypatch.setattr(parity, "selection_aware_parity", fake_sap)
-    monkeypatch.setattr(parity, "error_summary", lambda a, b: {"pre_topk_max_abs": 0.0})
+    monkeypatch.setattr(tflite, "selection_aware_parity", fake_sap)  # the converter's bindings
+    monkeypatch.setattr(tflite, "error_summary", lambda a, b: {"pre_topk_max_abs": 0.0})
     monkeypatch.setattr(gates, "TIE_EPS", 0.123)
     refs = [{"image": "a.jpg", "x": np.zeros((1, 3, 4, 4), np.float32), "size": (4, 4), "ref": {}}]
     tflite.artifact_parity("unused.tflite", None, refs, "fp32")
@@ -266,40 +270,33 @@ def test_artifact_parity_passes_the_gates_tie_eps(monkeypatch):
 @pytest.fixture(scope="module")
 def trained_ckpt():
     """The default (trained) model: notebook 04 converts it earlier in the same run, so these tests reuse its files."""
-    from nailkit.model import resolve_checkpoint
+    from nailkit.model.build import resolve_checkpoint
 
     return resolve_checkpoint("")
 
 
-@pytest.fixture(scope="module")
-def refs2(trained_ckpt):
-    from nailkit.data import sample_images
-    from nailkit.model import export_module, load_model
-
-    module = export_module(load_model(trained_ckpt), 432)
-    imgs = sample_images("photos")[:1] + sample_images("synthetic")[:1]
-    return module, tflite.reference_outputs(module, imgs, 432)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("route", ["litert", "onnx2tf"])
-def test_fp32_gates_and_cache(route, trained_ckpt, outputs_dir, refs2):
-    module, refs = refs2
+def test_fp32_gates_and_cache(route, trained_ckpt, outputs_dir):
+    from nailkit.data.samples import sample_images
+
+    refs6 = [{"image": p.name} for p in sample_images()]
     path, meta = tflite.ensure_tflite(trained_ckpt, outputs_dir, route, "fp32", 432)
     mtime = path.stat().st_mtime
     path2, meta2 = tflite.ensure_tflite(trained_ckpt, outputs_dir, route, "fp32", 432)  # cache hit: no conversion
     assert path2 == path and meta2 == meta and path.stat().st_mtime == mtime
     assert meta["conversion_wall_s"] > 0 and meta["conversion_peak_rss_mb"] > 100
     assert tflite.TFLiteModel(path).input_shape == (1, 432, 432, 3)
-    assert meta["parity"]["images"] == 6  # gated before it was published
-    agg = tflite.artifact_parity(path, module, refs, "fp32")["aggregate"]
-    assert gates.check("tflite_fp32", agg) == [], agg
+    assert meta["parity"]["images"] == 6  # gated before it was published, on these 6 images, and passed
+    assert gates.check("tflite_fp32", meta["parity"]) == [], meta["parity"]
+    assert [r["image"] for r in meta["parity_rows"]] == [r["image"] for r in refs6]
+    assert tflite.published_parity(meta, refs6)["aggregate"] == meta["parity"]  # notebook 04 shows these rows
     # nailkit's metadata is inside the published file (read back with the zip reader alone), and the sidecar's
     # sha256 is that of the file with it
     import json
     import zipfile
 
-    from nailkit import tflite_metadata
+    from nailkit.tflite import metadata as tflite_metadata
 
     with zipfile.ZipFile(path) as z:
         doc = json.loads(z.read(tflite_metadata.ZIP_MEMBER))
@@ -341,7 +338,7 @@ def test_cli_convert_litert_fp32_passes_gates(trained_ckpt, outputs_dir, capsys)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# selection-aware parity helpers and rounding controls (nailkit.parity, issue-4 section)
+# selection-aware parity helpers and rounding controls (nailkit.verify.parity, issue-4 section)
 # ------------------------------------------------------------------------------------------------------------------
 
 def _tiny_two_stage():
@@ -365,7 +362,7 @@ def _tiny_two_stage():
 
 
 def test_topk_probe_records_and_forces_the_selection():
-    from nailkit.parity import run_torch_with_selection
+    from nailkit.verify.parity import run_torch_with_selection
 
     m = _tiny_two_stage()
     x = np.random.default_rng(0).normal(size=(1, 12, 8)).astype(np.float32)
@@ -382,7 +379,7 @@ def test_topk_probe_records_and_forces_the_selection():
 def test_score_gap_and_rounding_controls():
     import torch
 
-    from nailkit.parity import int8_fake_quant_weights, rounding_control, score_gap_at
+    from nailkit.verify.parity import int8_fake_quant_weights, rounding_control, score_gap_at
 
     assert score_gap_at(np.array([3.0, 1.0, 2.0, 2.5]), 2) == pytest.approx(0.5)
     assert score_gap_at(np.array([1.0]), 1) == float("inf")
@@ -474,7 +471,7 @@ def test_static_precisions_are_keyed_by_their_calibration_set(tmp_path: Path, de
 
 
 def test_calibration_set_is_predict_preprocessing(tmp_path: Path):
-    from nailkit.preprocess import preprocess, to_nhwc
+    from nailkit.portable.preprocess import preprocess, to_nhwc
 
     d = _split(tmp_path, 3)
     xs, ident = tflite.calibration_set(d, 48, n=3)

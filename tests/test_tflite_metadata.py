@@ -10,13 +10,14 @@ import zipfile
 import numpy as np
 import pytest
 
-from nailkit import gpu
-from nailkit import tflite_metadata as tm
+from _probes import write_probe_model
+from nailkit.gpu import delegate as gpu
+from nailkit.tflite import metadata as tm
 
 
 @pytest.fixture()
 def model(tmp_path):
-    return gpu.write_probe_model(tmp_path / "m.tflite", "clean")
+    return write_probe_model(tmp_path / "m.tflite", "clean")
 
 
 def _doc(**kw):

@@ -1,16 +1,20 @@
-"""nailkit.tflite_passes: the rank-2 × constant lift keeps every value and leaves no risky op; pack_model round-trips."""
+"""nailkit.tflite.passes: the rank-2 × constant lift keeps every value and leaves no risky op; pack_model round-trips
+(nailkit.tflite.flatbuffer)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nailkit import gpu, tflite_passes
+from _probes import write_probe_model
+from nailkit.gpu import delegate as gpu
+from nailkit.tflite import passes as tflite_passes
+from nailkit.tflite.flatbuffer import pack_model
 
 
 @pytest.fixture()
 def probe(tmp_path):
-    return gpu.write_probe_model(tmp_path / "r2.tflite", "rank2_const")
+    return write_probe_model(tmp_path / "r2.tflite", "rank2_const")
 
 
 def test_lift_keeps_values_and_clears_the_pattern(probe, tmp_path, cpu_run):
@@ -26,7 +30,7 @@ def test_lift_keeps_values_and_clears_the_pattern(probe, tmp_path, cpu_run):
 
 
 def test_clean_model_untouched(tmp_path):
-    clean = gpu.write_probe_model(tmp_path / "clean.tflite", "clean")  # per-channel constant: not risky
+    clean = write_probe_model(tmp_path / "clean.tflite", "clean")  # per-channel constant: not risky
     raw = clean.read_bytes()
     assert tflite_passes.risky_constant_binary_ops(clean) == []
     assert tflite_passes.lift_constant_binary_ops(clean) == 0 and clean.read_bytes() == raw
@@ -35,7 +39,7 @@ def test_clean_model_untouched(tmp_path):
 def test_pack_model_round_trip(probe, tmp_path, cpu_run):
     model = tflite_passes.load_model_t(probe)
     again = tmp_path / "again.tflite"
-    again.write_bytes(tflite_passes.pack_model(model))
+    again.write_bytes(pack_model(model))
     x = np.ones((24, 32), np.float32)
     np.testing.assert_array_equal(cpu_run(again, x), cpu_run(probe, x))
 

@@ -1,16 +1,23 @@
 """train-demo: rfdetr's own trainer, offline on CPU, time-boxed and resumable, writing a checkpoint that nailkit
-inspects exactly like the seed's (one tiny run: a batch per epoch, two epochs over two calls)."""
+inspects exactly like the seed's (one tiny run: a batch per epoch, two epochs over two calls). Also: no training
+file is unpickled without the user's word (payload pickles for --resume and --package-only), and the recipe levers
+reach rfdetr's TrainConfig / trainer (checked on the arguments, without training)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import pickle
+import types
 
 import pytest
 import torch
 
-from nailkit import dataset as D
-from nailkit.checkpoint import inspect, load_checkpoint
-from nailkit.train import _latest_ckpt, train_demo
+from nailkit.data import dataset as D
+from nailkit.model.checkpoint import CheckpointError, inspect_checkpoint, load_checkpoint
+from nailkit.train.demo import (TRAINING_FILE_GLOBALS, _latest_ckpt, load_training_file, make_callbacks,
+                           plot_recipe_study, recipe_study, recipe_table_markdown, steps_per_epoch, train_demo)
 
 
 @pytest.mark.slow
@@ -22,18 +29,25 @@ def test_train_writes_a_seed_like_checkpoint_and_resumes(tmp_path):
     assert rec["epochs_done"] == 1 and rec["final_losses"]["loss"] > 0
     ckpt = load_checkpoint(out)  # weights_only=True: no pickled objects beyond plain types + Namespace
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())  # fp32 kept
-    rep = inspect(ckpt)
+    rep = inspect_checkpoint(ckpt)
     assert (rep.rfdetr_class, rep.encoder, rep.patch_size, rep.resolution, rep.hidden_dim) == (
         "RFDETRSegPreview", "dinov2_windowed_small", 12, 432, 256)
     assert (rep.num_queries, rep.group_detr, rep.dec_layers, rep.num_classes, rep.segmentation_head) == (
         200, 13, 4, 2, True)
     assert rep.class_names == ["Nail"]
     first = _latest_ckpt(work)
-    assert first is not None
+    assert first is not None and first.name == "last.ckpt"
+    # the allow-list is what nailkit's own runs write: measured again on the real files
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in TRAINING_FILE_GLOBALS}
+    for f in (first, work / "checkpoint_best_total.pth", out):
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) <= allowed, f
+    assert rec["validation_timeline"] and rec["validation_timeline"][0]["step"] == 1
     rec2 = train_demo(ds, out, minutes=5, epochs=2, batch_size=1, batches_per_epoch=1, work_dir=work, resume=work)
     assert rec2["epochs_done"] == 2 and len(rec2["sessions"]) == 2
     assert rec2["sessions"][1]["resumed_from"] == str(first)
     assert json.loads((work / "history.json").read_text())[1]["global_step"] == 2
+    timeline = rec2["validation_timeline"]
+    assert [r["step"] for r in timeline] == [1, 2] and timeline[1]["cpu_min"] >= timeline[0]["cpu_min"]
 
 
 def test_resume_without_state_is_a_clear_error(tmp_path):
@@ -42,3 +56,251 @@ def test_resume_without_state_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no resumable training state"):
         train_demo(ds, tmp_path / "m.pth", resume=tmp_path / "empty", work_dir=tmp_path / "w")
     assert not (tmp_path / "m.pth").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# No unpickling without the user's word
+# --------------------------------------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs a shell command that creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class Harmless:
+    """A class outside the allow-list that does nothing when unpickled."""
+
+    def __init__(self):
+        self.value = 1
+
+
+def _payload_files(tmp_path, marker):
+    """The payload as a raw pickle and inside a torch.save zip archive."""
+    raw = tmp_path / "raw.ckpt"
+    with open(raw, "wb") as fh:
+        pickle.dump(_Payload(marker), fh)
+    zipped = tmp_path / "zipped.ckpt"
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, zipped)
+    assert not marker.exists()
+    return raw, zipped
+
+
+@pytest.fixture(scope="module")
+def tiny_ds(tmp_path_factory):
+    ds = tmp_path_factory.mktemp("ds") / "nails"
+    D.make_dataset(ds, seed=1, sizes={"train": 1, "valid": 1, "test": 1})
+    return ds
+
+
+def test_resume_refuses_a_payload_pickle(tmp_path, tiny_ds, capsys):
+    from nailkit.cli import main
+
+    marker = tmp_path / "PWNED"
+    for f in _payload_files(tmp_path, marker):
+        rc = main(["train-demo", "--dataset", str(tiny_ds), "--out", str(tmp_path / "m.pth"), "--resume", str(f),
+                   "--work-dir", str(tmp_path / "w")])
+        err = capsys.readouterr().err
+        assert rc == 2 and not marker.exists(), err
+        assert str(f) in err and "refused" in err and "--trusted" in err, err
+        assert f.name == "raw.ckpt" or "posix.system" in err, err  # names the global where torch can tell
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_package_only_refuses_a_payload_pickle(tmp_path, capsys):
+    from nailkit.cli import main
+
+    marker = tmp_path / "PWNED"
+    raw, zipped = _payload_files(tmp_path, marker)
+    work = tmp_path / "work"
+    work.mkdir()
+    for f in (raw, zipped):  # the best weights file itself
+        (work / "checkpoint_best_total.pth").write_bytes(f.read_bytes())
+        rc = main(["train-demo", "--package-only", "--work-dir", str(work), "--out", str(tmp_path / "m.pth")])
+        err = capsys.readouterr().err
+        assert rc == 2 and not marker.exists(), err
+        assert "checkpoint_best_total.pth" in err and "refused" in err and "--trusted" in err, err
+    # a clean best file, but a payload as the resume state that --package-only reads for the step count
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1.0)}, work / "checkpoint_best_total.pth")
+    (work / "last.ckpt").write_bytes(zipped.read_bytes())
+    rc = main(["train-demo", "--package-only", "--work-dir", str(work), "--out", str(tmp_path / "m.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not marker.exists() and "last.ckpt" in err and "refused" in err, err
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_training_file_loader(tmp_path):
+    ok = tmp_path / "ok.ckpt"
+    torch.save({"global_step": 3, "args": argparse.Namespace(a=1), "state_dict": {"w": torch.ones(1)}}, ok)
+    assert load_training_file(ok)["global_step"] == 3  # the allow-list: Namespace
+    other = tmp_path / "other.ckpt"
+    torch.save({"x": Harmless()}, other)
+    with pytest.raises(CheckpointError, match=r"refused: holds the Python global .*Harmless.*--trusted"):
+        load_training_file(other)
+    assert isinstance(load_training_file(other, trusted=True)["x"], Harmless)  # the user's word
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(ok.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="not a loadable training state") as exc:
+        load_training_file(corrupt)
+    assert "trusted" not in str(exc.value)  # a corrupt file is not reported as untrusted
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_training_file(tmp_path / "absent.ckpt")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipe levers: argument plumbing into rfdetr's TrainConfig and trainer (no training)
+# --------------------------------------------------------------------------------------------------------------------
+class _FakeTrainer:
+    def __init__(self):
+        self.callbacks = ["rfdetr's own"]
+        self.fit_kwargs = None
+
+    def fit(self, *a, **kw):
+        self.fit_kwargs = kw
+
+
+def _fake_rfdetr(monkeypatch):
+    """build_rfdetr → a stand-in whose train() records its kwargs and builds the trainer through the (wrapped)
+    rfdetr.training.build_trainer, whose original is replaced by one returning a _FakeTrainer."""
+    import rfdetr.training as rt
+
+    seen: dict = {}
+
+    def fake_original(*a, **kw):
+        seen["trainer_kwargs"] = kw
+        seen["trainer"] = _FakeTrainer()
+        return seen["trainer"]
+
+    class FakeRF:
+        model_config = types.SimpleNamespace(patch_size=12, num_windows=2)
+
+        def train(self, **kw):
+            seen["train_kwargs"] = kw
+            rt.build_trainer(None, None).fit("module", "data", ckpt_path=kw.get("resume"))
+
+    monkeypatch.setattr(rt, "build_trainer", fake_original)
+    monkeypatch.setattr("nailkit.train.demo.build_rfdetr", lambda *a, **k: FakeRF())  # train-demo's binding
+    return seen
+
+
+def test_recipe_levers_reach_rfdetr_train_config(tmp_path, tiny_ds, monkeypatch):
+    from rfdetr.config import TrainConfig
+
+    seen = _fake_rfdetr(monkeypatch)
+    rec = train_demo(tiny_ds, None, minutes=3, batch_size=1, batches_per_epoch=20, work_dir=tmp_path / "w",
+                     layer_decay=0.8, component_decay=0.7, lr_warmup_steps=10, warmup_resolution=288,
+                     warmup_resolution_steps=5, package=False)
+    kw = seen["train_kwargs"]
+    assert set(kw) - {"device"} <= set(TrainConfig.model_fields)  # every kwarg is a TrainConfig field
+    assert kw["lr_vit_layer_decay"] == 0.8 and kw["lr_component_decay"] == 0.7
+    spe = steps_per_epoch(1, 1, 1, 20)  # 1 training image → 1 batch per epoch
+    assert spe == 1 and kw["warmup_epochs"] == pytest.approx(10 / spe)
+    assert kw["checkpoint_interval"] == 10 and kw["resume"] is None
+    tk = seen["trainer_kwargs"]
+    assert tk["max_time"].total_seconds() == 180 and tk["limit_train_batches"] == 20
+    names = [type(c).__name__ for c in seen["trainer"].callbacks[1:]]
+    assert seen["trainer"].callbacks[0] == "rfdetr's own" and names == ["LowResWarmup", "Progress"]
+    assert seen["trainer"].fit_kwargs == {"ckpt_path": None}  # weights-only resume stays PTL's default
+    assert rec["layer_decay"] == 0.8 and rec["warmup_resolution"] == 288 and rec["sessions"][0]["recipe"][
+        "warmup_resolution_steps"] == 5
+
+
+def test_random_init_defaults_and_init_from(tmp_path, tiny_ds, monkeypatch):
+    seen = _fake_rfdetr(monkeypatch)
+    init = tmp_path / "init.pth"
+    torch.save({"model": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}, "args": argparse.Namespace()}, init)
+    train_demo(tiny_ds, None, work_dir=tmp_path / "w", init_from=init, package=False)
+    kw = seen["train_kwargs"]
+    assert kw["lr_vit_layer_decay"] == 1.0 and kw["lr_component_decay"] == 1.0  # no decay from random init
+    assert kw["warmup_epochs"] == pytest.approx(40 / steps_per_epoch(1, 2, 1, 60))  # fresh optimizer: warm-up
+    cbs = seen["trainer"].callbacks[1:]
+    assert [type(c).__name__ for c in cbs] == ["InitWeights", "Progress"]
+    module = types.SimpleNamespace(model=torch.nn.Linear(2, 2))
+    cbs[0].setup(None, module, "fit")
+    assert torch.equal(module.model.weight, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="do not fit"):
+        cbs[0].setup(None, types.SimpleNamespace(model=torch.nn.Linear(3, 2)), "fit")
+    with pytest.raises(ValueError, match="Give one of them"):
+        train_demo(tiny_ds, None, work_dir=tmp_path / "w", init_from=init, resume=tmp_path, package=False)
+    with pytest.raises(ValueError, match="multiple of 24"):
+        train_demo(tiny_ds, None, work_dir=tmp_path / "w", warmup_resolution=300, warmup_resolution_steps=3,
+                   package=False)
+    with pytest.raises(ValueError, match="--layer-decay"):
+        train_demo(tiny_ds, None, work_dir=tmp_path / "w", layer_decay=0.0, package=False)
+
+
+def test_trusted_resume_lets_lightning_unpickle(tmp_path, tiny_ds, monkeypatch):
+    seen = _fake_rfdetr(monkeypatch)
+    state = tmp_path / "last.ckpt"
+    torch.save({"global_step": 4, "x": Harmless(), "callbacks": {"Timer": {"time_elapsed": {"train": 30.0}}}}, state)
+    with pytest.raises(CheckpointError, match="refused"):
+        train_demo(tiny_ds, None, work_dir=tmp_path / "w", resume=state, package=False)
+    train_demo(tiny_ds, None, minutes=1, work_dir=tmp_path / "w", resume=state, trusted=True, package=False)
+    assert seen["trainer"].fit_kwargs == {"ckpt_path": str(state), "weights_only": False}
+    assert seen["trainer_kwargs"]["max_time"].total_seconds() == 90  # Timer's 30 s already spent + this run's 60
+
+
+def test_low_res_warmup_resizes_only_the_first_steps(tmp_path):
+    (warm,) = make_callbacks(warmup_resolution=288, warmup_resolution_steps=2)
+    for step, size in ((0, 288), (1, 288), (2, 432)):
+        samples = types.SimpleNamespace(tensors=torch.zeros(2, 3, 432, 432), mask=torch.zeros(2, 432, 432, dtype=bool))
+        warm.on_train_batch_start(types.SimpleNamespace(global_step=step), None, (samples, []), 0)
+        assert samples.tensors.shape[-2:] == (size, size) and samples.mask.shape[-2:] == (size, size)
+        assert samples.mask.dtype == torch.bool
+
+
+def test_cli_train_demo_flags(monkeypatch):
+    from nailkit.train import demo as train
+    from nailkit.cli import build_parser
+
+    got = {}
+    monkeypatch.setattr(train, "train_demo", lambda *a, **kw: got.update(kw) or {})
+    args = build_parser().parse_args(["train-demo", "--dataset", "d", "--out", "o.pth", "--layer-decay", "0.8",
+                                      "--component-decay", "0.7", "--warmup-resolution", "288", "--warmup-steps",
+                                      "50", "--lr-warmup-steps", "20", "--init-from", "m.pth", "--trusted",
+                                      "--checkpoint-interval", "5"])
+    assert train.cli_train_demo(args) == 0
+    assert (got["layer_decay"], got["component_decay"], got["warmup_resolution"], got["warmup_resolution_steps"],
+            got["lr_warmup_steps"], got["init_from"], got["trusted"], got["checkpoint_interval"]) == (
+        0.8, 0.7, 288, 50, 20, "m.pth", True, 5)
+    args = build_parser().parse_args(["train-demo", "--dataset", "d", "--out", "o.pth"])
+    train.cli_train_demo(args)
+    assert (got["layer_decay"], got["component_decay"], got["init_from"], got["trusted"]) == (1.0, 1.0, None, False)
+
+
+def test_recipe_study_table_and_plot(tmp_path):
+    runs = {}
+    for name, decay in (("rfdetr defaults", 0.8), ("decay off", 1.0)):
+        wd = tmp_path / name.replace(" ", "_")
+        wd.mkdir()
+        (wd / "settings.json").write_text(json.dumps({"layer_decay": decay, "component_decay": decay}))
+        rows = [{"step": s, "epoch": s // 10, "wall_s": 60.0 * s, "cpu_s": 100.0 * s, "metrics": {
+            "val/ema_segm_mAP_50": decay * s / 100, "val/ema_mAP_50": s / 50, "train/loss": 40 - s}} for s in (10, 20)]
+        (wd / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs[name] = wd
+    study = recipe_study(runs)
+    tl = study["decay off"]["timeline"]
+    assert [r["step"] for r in tl] == [10, 20] and tl[1]["mask_map50"] == pytest.approx(0.2)
+    assert tl[1]["cpu_min"] == pytest.approx(2000 / 60, abs=0.01) and study["rfdetr defaults"]["recipe"][
+        "layer_decay"] == 0.8
+    table = recipe_table_markdown(study)
+    assert "| decay off | 20 |" in table and "0.200" in table
+    png = plot_recipe_study(study, tmp_path / "study.png")
+    assert png.stat().st_size > 1000
+    # into a model card: .card.json gets recipe_study, the .md its section (rendered from the JSON)
+    from pathlib import Path
+
+    from nailkit.train.demo import write_recipe_study
+
+    shipped = Path(__file__).resolve().parents[1] / "data" / "models" / "nails_seg_preview.card.json"
+    card_json = tmp_path / "m.card.json"
+    card_json.write_text(shipped.read_text())
+    card = write_recipe_study(card_json, study, setup="two runs", conclusion="too short to tell", plot=str(png))
+    assert card["recipe_study"]["runs"]["decay off"]["timeline"][1]["step"] == 20
+    md = (tmp_path / "m.md").read_text()
+    assert "## Recipe study" in md and "| decay off | 20 |" in md and "too short to tell" in md
+    assert md.index("## Recipe study") > md.index("## Metrics")

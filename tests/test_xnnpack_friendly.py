@@ -8,7 +8,7 @@ import pytest
 import torch
 from rfdetr.models.transformer import gen_sineembed_for_position
 
-from nailkit import xnnpack_friendly as X
+from nailkit.model import xnnpack_friendly as X
 
 
 def test_onehot_rows_pick_rows_exactly():
@@ -32,10 +32,10 @@ def test_sine_embedding_is_rfdetrs(components):
 
 
 def test_xnn_module_equals_tent_module_bitwise(demo_model):
-    from nailkit.data import sample_images
-    from nailkit.model import export_module, normalize_sampling
-    from nailkit.parity import selection_module, topk_probe
-    from nailkit.preprocess import preprocess
+    from nailkit.data.samples import sample_images
+    from nailkit.model.build import export_module, normalize_sampling
+    from nailkit.verify.parity import selection_module, topk_probe
+    from nailkit.portable.preprocess import preprocess
 
     tent = selection_module(export_module(demo_model, sampling="tent"))
     xnn = selection_module(export_module(demo_model, sampling="xnn"))

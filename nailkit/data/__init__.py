@@ -1,0 +1,1 @@
+"""Inputs: the sample photos (samples) and the synthetic COCO nail dataset (dataset)."""

@@ -1,0 +1,1 @@
+"""One runner per backend (PyTorch, ONNX Runtime, a .tflite through LiteRT) with one predict() API (runners)."""
