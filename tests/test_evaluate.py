@@ -89,6 +89,26 @@ def test_missed_nails_and_false_positives_are_counted(ds):
     assert fp["fp_per_image"] == 1.0 and fp["recall"] == 1.0
 
 
+def test_metrics_stay_finite_json_without_nails_or_detections(ds, tmp_path):
+    """A split whose images hold no nail (COCOeval writes -1 there) and a runner that finds nothing both give finite
+    metrics that serialise as strict JSON (what the CLI's --json / --rows write with allow_nan=False)."""
+    import shutil
+
+    shutil.copytree(ds, tmp_path / "empty")
+    f = tmp_path / "empty" / "test" / D.ANNOTATIONS
+    coco = json.loads(f.read_text())
+    coco["annotations"] = []
+    f.write_text(json.dumps(coco))
+    no_nails = _run(tmp_path / "empty", extra_fp=True).metrics
+    nothing_found = _run(ds, drop_every=1).metrics
+    for m in (no_nails, nothing_found):
+        json.dumps(m, allow_nan=False)  # raises on NaN / inf
+        for k in ("mask_map50_95", "mask_map50", "box_map50_95", "box_map50", "recall", "fp_per_image"):
+            assert 0.0 <= m[k] <= 1.0 or k == "fp_per_image", (k, m[k])
+    assert no_nails["instances"] == 0 and no_nails["recall"] == 0.0 and no_nails["fp_per_image"] == 1.0
+    assert nothing_found["mask_map50"] == 0.0 and nothing_found["recall"] == 0.0
+
+
 def test_match_is_one_to_one_and_respects_threshold():
     g = np.zeros((1, 8, 8), bool)
     g[0, :4, :4] = True

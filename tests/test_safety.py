@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from nailkit.cli import main
-from nailkit.core.outdir import MARKER
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -280,13 +279,6 @@ def test_bad_input_table_one_line_each(tmp_path, capsys):
         assert "--trusted" not in err or "corrupt" not in name, (name, err)
     print("\n".join(f"{n:32s} rc={rc} {e}" for n, rc, e in outcomes))
     assert not (tmp_path / "p").exists() and not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
-
-
-def test_evaluate_json_is_valid_without_nan():
-    from nailkit.accuracy import evaluate
-
-    src = Path(evaluate.__file__).read_text()
-    assert 'float("nan")' not in src and "allow_nan=False" in src
 
 
 # ------------------------------------------------------------------------------------------------------------------
