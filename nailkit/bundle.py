@@ -42,7 +42,8 @@ from nailkit.portable.io_contract import check_tflite_file, OUTPUT_MEANINGS, POS
 from nailkit.portable.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from nailkit.runtime.runners import make_runner
 from nailkit.tflite import metadata as tm
-from nailkit.tflite.convert import default_path, DEFAULT_PATH_WHY, delegation_report, ensure_tflite
+from nailkit.tflite.convert import delegation_report, ensure_tflite
+from nailkit.tflite.options import default_path, DEFAULT_PATH_WHY
 from nailkit.verify.drift import drift_summary
 
 MODEL_FILE = "model.tflite"
@@ -66,7 +67,7 @@ def read_tflite_io(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def tflite_raw(path: str | os.PathLike[str], images: Sequence[Any], threads: Optional[int] = None):
-    """The .tflite on ``images`` through ``nailkit.runtime.runners`` (``io_contract.TFLiteModel``): RawOutputs, sizes,
+    """The .tflite on ``images`` through ``nailkit.runtime.tflite_runner`` (``io_contract.TFLiteModel``): RawOutputs, sizes,
     runner."""
     runner = make_runner(str(path), backend="tflite", threads=threads)
     out = [runner.predict_raw(im) for im in images]

@@ -25,7 +25,7 @@ from nailkit.data.samples import DATA_DIR, make_data
 from nailkit.export.onnx import cli_export_onnx
 from nailkit.model.build import make_demo_checkpoint
 from nailkit.model.checkpoint import inspect_checkpoint
-from nailkit.runtime.runners import cli_predict
+from nailkit.runtime.predict import cli_predict
 from nailkit.tflite.convert import cli_convert as convert_cpu
 from nailkit.train.demo import cli_model_card as write_model_card, cli_train_demo
 

@@ -120,7 +120,7 @@ def test_silent_worker_is_killed_at_its_timeout(tmp_path):
 
 
 def test_tflite_run_worker_goes_through_the_helper(monkeypatch):
-    from nailkit.tflite import convert as tflite
+    from nailkit.tflite import launch
 
     seen = {}
 
@@ -129,9 +129,9 @@ def test_tflite_run_worker_goes_through_the_helper(monkeypatch):
         raise subproc.WorkerError("silent: timed out after 5 s and was killed")
 
     monkeypatch.setattr(subproc, "run_python", fake)
-    with pytest.raises(tflite.ConversionError, match="timed out"):
-        tflite.run_worker(["route-b", "x"], Path("log"), "litert", timeout=5)
-    assert seen["args"][:2] == ["-m", "nailkit.tflite.convert"] and seen["timeout"] == 5
+    with pytest.raises(launch.ConversionError, match="timed out"):
+        launch.run_worker(["route-b", "x"], Path("log"), "litert", timeout=5)
+    assert seen["args"][:2] == ["-m", "nailkit.tflite.workers"] and seen["timeout"] == 5
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -264,7 +264,7 @@ def test_converted_tflite_matches_sidecar_and_hash_and_never_converts(tmp_path):
     import json as _json
 
     from nailkit.core.artifacts import file_sha256
-    from nailkit.runtime.runners import find_tflite_artifacts
+    from nailkit.runtime.discovery import find_tflite_artifacts
 
     find = discovery.converted_tflite
     d = tmp_path / "tflite" / "litert_432_abc"

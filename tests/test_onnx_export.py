@@ -115,7 +115,7 @@ def test_tent_top20_onnx_passes_the_same_gate_and_predicts_like_the_full_model(v
     import numpy as np
 
     from nailkit.cli import main
-    from nailkit.runtime.runners import OnnxRunner
+    from nailkit.runtime.onnx_runner import OnnxRunner
 
     path, meta = tent_top20
     assert path != verified_432.path and "_tent_mq20" in path.name

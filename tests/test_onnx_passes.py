@@ -104,7 +104,7 @@ def test_gridsample_rewrite_is_exact_through_onnx2tf(tmp_path: Path):
     on this small graph: it already emits flat GATHERs — see the report on which passes the full model needs)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from nailkit.tflite.convert import convert_onnx_file
+    from nailkit.tflite.route_onnx2tf import convert_onnx_file
 
     m = _gridsample_model()
     ref = ort_outputs(m, _feed())["out"]

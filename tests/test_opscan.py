@@ -1,4 +1,5 @@
-"""nailkit.export.opscan: grouping, symbolic registry, input capture, bisection (toy model + the real raw rfdetr model)."""
+"""nailkit.export.opscan (grouping, inventory), exporters (symbolic registry), bisection (input capture, bisection;
+toy model + the real raw rfdetr model from repros.raw_module)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nailkit.export import opscan
+from nailkit.export import bisection, exporters, opscan, repros
 
 
 def test_classify_path_groups_rfdetr_modules():
@@ -29,11 +30,11 @@ def test_classify_path_groups_rfdetr_modules():
 
 
 def test_legacy_symbolic_registry():
-    assert opscan.legacy_symbolic("aten::grid_sampler", 16)["supported"]
-    gs15 = opscan.legacy_symbolic("aten::grid_sampler", 15)
+    assert exporters.legacy_symbolic("aten::grid_sampler", 16)["supported"]
+    gs15 = exporters.legacy_symbolic("aten::grid_sampler", 15)
     assert not gs15["supported"] and gs15["min_opset"] == 16
-    assert not opscan.legacy_symbolic("aten::_upsample_bicubic2d_aa", 17)["supported"]
-    assert opscan.legacy_symbolic("aten::silu_", 17)["supported"]  # in-place variant looked up without "_"
+    assert not exporters.legacy_symbolic("aten::_upsample_bicubic2d_aa", 17)["supported"]
+    assert exporters.legacy_symbolic("aten::silu_", 17)["supported"]  # in-place variant looked up without "_"
 
 
 class _Bad(torch.nn.Module):
@@ -64,14 +65,14 @@ class _Toy(torch.nn.Module):
 
 def test_capture_inputs_sees_direct_forward_calls():
     toy = _Toy().eval()
-    cap = opscan.capture_inputs(toy, (torch.randn(1, 3, 8, 8),))
+    cap = bisection.capture_inputs(toy, (torch.randn(1, 3, 8, 8),))
     assert {"", "backbone", "segmentation_head", "segmentation_head.bad", "segmentation_head.lin"} <= set(cap)
     assert cap["segmentation_head"][0][0].shape == (1, 4, 8, 8)
     assert "forward" not in toy.segmentation_head.__dict__  # wrappers removed
 
 
 def test_bisect_toy_model_finds_smallest_failing_submodule():
-    rep = opscan.bisect_export(_Toy().eval(), (torch.randn(1, 3, 8, 8),), exporter="legacy", opset=17)
+    rep = bisection.bisect_export(_Toy().eval(), (torch.randn(1, 3, 8, 8),), exporter="legacy", opset=17)
     assert not rep.root_ok
     assert [c.path for c in rep.culprits] == ["segmentation_head.bad"]
     c = rep.culprits[0]
@@ -96,7 +97,7 @@ def test_inventory_toy_model_flags_unsupported_op_and_maps_onnx_ops():
 @pytest.mark.slow
 def test_bisect_raw_rfdetr_points_at_position_embedding_interpolation(demo_model):
     x = torch.randn(1, 3, 432, 432, generator=torch.Generator().manual_seed(0))
-    rep = opscan.bisect_export(opscan.raw_module(demo_model), (x,), exporter="legacy", opset=17)
+    rep = bisection.bisect_export(repros.raw_module(demo_model), (x,), exporter="legacy", opset=17)
     assert not rep.root_ok and len(rep.culprits) == 1
     c = rep.culprits[0]
     assert c.path.endswith("backbone.0.encoder.encoder.embeddings"), c.path

@@ -8,7 +8,6 @@ import torch
 
 from nailkit.data.samples import sample_images
 from nailkit.portable.postprocess import BACKGROUND_NAME, RawOutputs, postprocess, select_topk
-from nailkit.portable.preprocess import preprocess
 
 from _ties import tie_order
 
@@ -150,7 +149,7 @@ def test_equals_rfdetr_on_demo_model_same_raw_outputs(demo_model, demo_raw, thre
 @pytest.mark.slow
 def test_equals_rf_predict_end_to_end(demo_model):
     """nailkit's numpy pipeline (preprocess + eager export-mode model + numpy postprocess) vs rf.predict()."""
-    from nailkit.runtime.runners import TorchRunner
+    from nailkit.runtime.torch_runner import TorchRunner
 
     rf = demo_model
     runner = TorchRunner(rf)

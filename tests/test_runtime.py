@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from nailkit.portable.postprocess import RawOutputs
-from nailkit.runtime.runners import (OnnxRunner, TFLiteRunner, canonical_outputs, check_writable_dir, make_runner,
-                             normalize_backend)
+from nailkit.runtime.base import canonical_outputs
+from nailkit.runtime.onnx_runner import OnnxRunner
+from nailkit.runtime.predict import check_writable_dir
+from nailkit.runtime.runners import make_runner, normalize_backend
+from nailkit.runtime.tflite_runner import TFLiteRunner
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -172,10 +175,10 @@ def test_tflite_runner_nhwc_model_and_xnnpack_switch(tiny_tflite):
     slow = make_runner(path, backend="tflite-noxnnpack", threads=1)
     assert isinstance(fast, TFLiteRunner) and fast.use_xnnpack and not slow.use_xnnpack
     from nailkit.portable import io_contract
-    from nailkit.tflite import convert as tflite
+    from nailkit.tflite import gate as tflite_gate
 
     # one TFLite runner: predict, the parity gates and the bundle all run io_contract.TFLiteModel
-    assert isinstance(fast.model, io_contract.TFLiteModel) and tflite.TFLiteModel is io_contract.TFLiteModel
+    assert isinstance(fast.model, io_contract.TFLiteModel) and tflite_gate.TFLiteModel is io_contract.TFLiteModel
     assert (fast.resolution, fast.input_layout) == (R, "NHWC")
     a, b = fast.run(x), slow.run(x)
     # oracle: the interpreter's outputs by their (test-only) names
@@ -354,7 +357,7 @@ def test_cli_predict_demo_checkpoint_on_real_photo(tmp_path, demo_ckpt):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_find_tflite_artifacts_only_for_this_checkpoint(tiny_tflite, tmp_path):
-    from nailkit.runtime.runners import find_tflite_artifacts
+    from nailkit.runtime.discovery import find_tflite_artifacts
 
     good = (tiny_tflite / "tiny_nhwc.tflite").read_bytes()
     mine = tmp_path / "tflite" / "litert_24_abc"
@@ -381,7 +384,7 @@ def _results_for(raws, size=(80, 60)):
 
 def test_consistency_rows_match_by_iou_and_apply_precision_gates():
     from nailkit.report.tables import format_rows
-    from nailkit.runtime.runners import consistency_rows
+    from nailkit.runtime.compare import consistency_rows
 
     rng = np.random.default_rng(0)
     q = 40
@@ -405,7 +408,7 @@ def test_consistency_rows_match_by_iou_and_apply_precision_gates():
 
 def test_benchmark_rows_and_time_runner(tiny_onnx):
     from nailkit.data.samples import sample_images
-    from nailkit.runtime.runners import benchmark_rows
+    from nailkit.runtime.compare import benchmark_rows
 
     runner = OnnxRunner(tiny_onnx["NCHW"], threads=1)
     rows = benchmark_rows({"onnxruntime": runner}, sample_images()[0], threshold=0.0, runs=2, warmup=0)

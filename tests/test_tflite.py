@@ -1,4 +1,5 @@
-"""nailkit.tflite.convert: refusal of corrupt files, content-keyed caching, gate before publish, atomic artifacts."""
+"""nailkit.tflite.convert and its gate, launch and static_int8 modules: refusal of corrupt files, content-keyed
+caching, gate before publish, atomic artifacts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from nailkit.verify import gates
-from nailkit.tflite import convert as tflite
+from nailkit.portable import io_contract
+from nailkit.tflite import convert as tflite, gate as tflite_gate, launch, static_int8
 from nailkit.core.artifacts import file_sha256
 from nailkit.model.checkpoint import checkpoint_content
 
@@ -34,7 +36,8 @@ def _fake_worker(calls: list, tag: bytes = b"converted"):
 def fake_embed(monkeypatch):
     """The fake workers write TFL3-looking bytes, not models: record the metadata step instead of parsing them."""
     calls: list = []
-    monkeypatch.setattr(tflite, "embed_file_metadata", lambda path, *a, **k: calls.append(Path(path).name))
+    for module in (tflite_gate, static_int8):  # the bindings gate_and_publish and ensure_static call
+        monkeypatch.setattr(module, "embed_file_metadata", lambda path, *a, **k: calls.append(Path(path).name))
     return calls
 
 
@@ -42,11 +45,11 @@ def test_corrupt_tflite_is_refused(tmp_path: Path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"\x00" * 4 + b"NOPE" + b"\x00" * 200)
     with pytest.raises(ValueError, match="not a TFLite flatbuffer"):
-        tflite.check_tflite_file(bad)
+        io_contract.check_tflite_file(bad)
     with pytest.raises(ValueError, match="not a TFLite flatbuffer"):
-        tflite.TFLiteModel(bad)
+        io_contract.TFLiteModel(bad)
     with pytest.raises(FileNotFoundError):
-        tflite.check_tflite_file(tmp_path / "missing.tflite")
+        io_contract.check_tflite_file(tmp_path / "missing.tflite")
 
 
 def test_truncated_tflite_is_refused(tmp_path: Path):
@@ -54,7 +57,7 @@ def test_truncated_tflite_is_refused(tmp_path: Path):
     p = tmp_path / "trunc.tflite"
     p.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 100)
     with pytest.raises(ValueError, match="trunc.tflite"):
-        tflite.TFLiteModel(p)
+        io_contract.TFLiteModel(p)
 
 
 def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
@@ -65,10 +68,10 @@ def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_
         work = Path(args[-1])
         (work / "fp32.tflite").write_bytes(b"\x00\x00\x00\x00TFL3 half written")
         seen["work"] = work
-        raise tflite.ConversionError("simulated crash")
+        raise launch.ConversionError("simulated crash")
 
-    monkeypatch.setattr(tflite, "run_worker", dying_worker)
-    with pytest.raises(tflite.ConversionError, match="simulated crash"):
+    monkeypatch.setattr(launch, "run_worker", dying_worker)
+    with pytest.raises(launch.ConversionError, match="simulated crash"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
     assert not seen["work"].exists()  # scratch dir removed
     assert list(tmp_path.rglob("*.tflite")) == []
@@ -77,7 +80,7 @@ def test_failed_conversion_leaves_no_file_under_final_name(tmp_path: Path, demo_
 def test_tflite_edited_in_place_is_rederived_not_reused(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """Same size, other bytes: the sidecar's content hash no longer matches, so the file is converted again."""
     calls: list = []
-    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    monkeypatch.setattr(launch, "run_worker", _fake_worker(calls))
     path, meta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
     assert len(calls) == 1 and path.read_bytes() == _fake_tflite_bytes(b"converted")
     again, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
@@ -96,7 +99,7 @@ def test_same_weights_under_another_name_hit_the_cache(tmp_path: Path, demo_ckpt
     import torch
 
     calls: list = []
-    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    monkeypatch.setattr(launch, "run_worker", _fake_worker(calls))
     tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
     renamed = tmp_path / "checkpoint_best_total.pth"
     torch.save(torch.load(demo_ckpt, map_location="cpu", weights_only=False), renamed)
@@ -118,12 +121,12 @@ def _failing_gate(seen: list, metrics: dict, failure: str):
 
 def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     calls: list = []
-    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    monkeypatch.setattr(launch, "run_worker", _fake_worker(calls))
     path, _ = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
     refused: list = []
-    monkeypatch.setattr(tflite._Gate, "__call__", _failing_gate(refused, {"pre_topk_max_abs": 1.0},
+    monkeypatch.setattr(tflite_gate.Gate, "__call__", _failing_gate(refused, {"pre_topk_max_abs": 1.0},
                                                                 "pre-TopK max-abs 1.00e+00 > 1e-04"))
-    with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
+    with pytest.raises(launch.ConversionError, match="FAILED its parity gate and was not published"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
     assert len(calls) == 2 and refused and not refused[0].exists()  # converted again, gated, discarded
     assert not list((tmp_path / "tflite").rglob(".*.work"))  # staging removed
@@ -132,7 +135,7 @@ def test_unverified_artifact_is_not_served_to_a_verified_request(tmp_path: Path,
 def test_sampling_and_mask_queries_have_their_own_cache_entries(tmp_path: Path, demo_ckpt, monkeypatch, fake_embed):
     """A tent or top-N file is never served for a default request (nor the other way round); "grid" is the default."""
     calls: list = []
-    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    monkeypatch.setattr(launch, "run_worker", _fake_worker(calls))
     default, dmeta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False)
     tent, tmeta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False, sampling="tent")
     mq, mmeta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, verify=False, mask_queries=20)
@@ -155,24 +158,24 @@ def test_a_refused_precision_is_remembered_not_reconverted(tmp_path: Path, demo_
     """A gate failure leaves a refusal record keyed like the file: the next request raises at once (no worker), force
     converts again, and a file that then passes supersedes the record."""
     calls: list = []
-    monkeypatch.setattr(tflite, "run_worker", _fake_worker(calls))
+    monkeypatch.setattr(launch, "run_worker", _fake_worker(calls))
     gated: list = []
-    monkeypatch.setattr(tflite._Gate, "__call__", _failing_gate(gated, {"control_ratio_max": 2.1},
+    monkeypatch.setattr(tflite_gate.Gate, "__call__", _failing_gate(gated, {"control_ratio_max": 2.1},
                                                                 "converter error 2.10x the rounding control's (> 1.5x)"))
-    with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
+    with pytest.raises(launch.ConversionError, match="FAILED its parity gate and was not published"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
     assert len(calls) == 1 and len(gated) == 1
     records = list((tmp_path / "tflite").rglob("model_fp32.tflite.refused.json"))
     assert len(records) == 1 and not list((tmp_path / "tflite").rglob("*.tflite"))
-    with pytest.raises(tflite.ConversionError, match="2.10x.*not converted again"):
+    with pytest.raises(launch.ConversionError, match="2.10x.*not converted again"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432)
     assert len(calls) == 1 and len(gated) == 1  # raised from the record: no conversion, no gate
     # another key (here: the tent graph) is not refused by this record
-    with pytest.raises(tflite.ConversionError, match="FAILED its parity gate and was not published"):
+    with pytest.raises(launch.ConversionError, match="FAILED its parity gate and was not published"):
         tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, sampling="tent")
     assert len(calls) == 2
     # force: converted and gated again; this time it passes, is published, and the record is gone
-    monkeypatch.setattr(tflite._Gate, "__call__", lambda self, p, precision: ({"images": 6}, []))
+    monkeypatch.setattr(tflite_gate.Gate, "__call__", lambda self, p, precision: ({"images": 6}, []))
     path, meta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "fp32", 432, force=True)
     assert len(calls) == 3 and path.is_file() and meta["parity"] == {"images": 6}
     assert not records[0].exists()
@@ -209,7 +212,7 @@ def test_failing_onnx_gate_stops_convert_and_bundle(tmp_path, demo_ckpt, monkeyp
 
     monkeypatch.setattr(onnx_export, "export_onnx_with_meta", fake_export)
     monkeypatch.setattr(onnx_export, "verify_onnx", failing_verify)
-    monkeypatch.setattr(tflite, "run_worker", no_worker)
+    monkeypatch.setattr(launch, "run_worker", no_worker)
     import nailkit.bundle
     import nailkit.model.build
 
@@ -254,12 +257,12 @@ def test_artifact_parity_passes_the_gates_tie_eps(monkeypatch):
                 "selection_same": True, "selection_order_same": True, "detect_agrees": True, "tie": False,
                 "detect": {"min_mask_iou": 1.0}}
 
-    monkeypatch.setattr(tflite, "TFLiteModel", FakeModel)
-    monkeypatch.setattr(tflite, "selection_aware_parity", fake_sap)  # the converter's bindings
-    monkeypatch.setattr(tflite, "error_summary", lambda a, b: {"pre_topk_max_abs": 0.0})
+    monkeypatch.setattr(tflite_gate, "TFLiteModel", FakeModel)
+    monkeypatch.setattr(tflite_gate, "selection_aware_parity", fake_sap)  # the gate's bindings
+    monkeypatch.setattr(tflite_gate, "error_summary", lambda a, b: {"pre_topk_max_abs": 0.0})
     monkeypatch.setattr(gates, "TIE_EPS", 0.123)
     refs = [{"image": "a.jpg", "x": np.zeros((1, 3, 4, 4), np.float32), "size": (4, 4), "ref": {}}]
-    tflite.artifact_parity("unused.tflite", None, refs, "fp32")
+    tflite_gate.artifact_parity("unused.tflite", None, refs, "fp32")
     assert seen == {"tie_eps": 0.123, "top_k": gates.TOP_K}
 
 
@@ -286,11 +289,11 @@ def test_fp32_gates_and_cache(route, trained_ckpt, outputs_dir):
     path2, meta2 = tflite.ensure_tflite(trained_ckpt, outputs_dir, route, "fp32", 432)  # cache hit: no conversion
     assert path2 == path and meta2 == meta and path.stat().st_mtime == mtime
     assert meta["conversion_wall_s"] > 0 and meta["conversion_peak_rss_mb"] > 100
-    assert tflite.TFLiteModel(path).input_shape == (1, 432, 432, 3)
+    assert io_contract.TFLiteModel(path).input_shape == (1, 432, 432, 3)
     assert meta["parity"]["images"] == 6  # gated before it was published, on these 6 images, and passed
     assert gates.check("tflite_fp32", meta["parity"]) == [], meta["parity"]
     assert [r["image"] for r in meta["parity_rows"]] == [r["image"] for r in refs6]
-    assert tflite.published_parity(meta, refs6)["aggregate"] == meta["parity"]  # notebook 04 shows these rows
+    assert tflite_gate.published_parity(meta, refs6)["aggregate"] == meta["parity"]  # notebook 04 shows these rows
     # nailkit's metadata is inside the published file (read back with the zip reader alone), and the sidecar's
     # sha256 is that of the file with it
     import json
@@ -304,7 +307,7 @@ def test_fp32_gates_and_cache(route, trained_ckpt, outputs_dir):
     assert doc["input"]["shape"] == [1, 432, 432, 3] and doc["extra"]["route"] == route
     assert {o["meaning"] for o in doc["outputs"]} >= {"pred_boxes", "pred_logits", "pred_masks"}
     assert tflite_metadata.read_metadata_flatbuffer(path) == doc
-    assert meta["sha256"] == tflite.file_sha256(path, len(meta["sha256"]))
+    assert meta["sha256"] == file_sha256(path, len(meta["sha256"]))
 
 
 @pytest.mark.slow
@@ -436,14 +439,14 @@ def test_static_precisions_are_keyed_by_their_calibration_set(tmp_path: Path, de
     """w8a8/w8a16 come from the cached fp32 file; the calibration images' content is in their key (new images →
     re-quantised, fp32 reused); they are reported, not gated; route A has no static precision."""
     calls: list = []
-    monkeypatch.setattr(tflite, "run_worker", _fake_static_worker(calls))
+    monkeypatch.setattr(launch, "run_worker", _fake_static_worker(calls))
     gated = []
 
     def gate(self, p, precision):
         gated.append(precision)
         return {"images": 6, "control_ratio_max": 9.9}, []
 
-    monkeypatch.setattr(tflite._Gate, "__call__", gate)
+    monkeypatch.setattr(tflite_gate.Gate, "__call__", gate)
     a = _split(tmp_path, 3, seed=0)
     w8, meta = tflite.ensure_tflite(demo_ckpt, tmp_path, "litert", "w8a8", 432, calibration=2, calibration_dir=a,
                                     also=("w8a16",))
@@ -474,7 +477,7 @@ def test_calibration_set_is_predict_preprocessing(tmp_path: Path):
     from nailkit.portable.preprocess import preprocess, to_nhwc
 
     d = _split(tmp_path, 3)
-    xs, ident = tflite.calibration_set(d, 48, n=3)
+    xs, ident = static_int8.calibration_set(d, 48, n=3)
     assert xs.shape == (3, 48, 48, 3) and xs.dtype == np.float32
     assert np.array_equal(xs[0], to_nhwc(preprocess(d / "c0.jpg", 48)[0])[0])
     assert ident["images"] == ["c0.jpg", "c1.jpg", "c2.jpg"]

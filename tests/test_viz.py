@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from nailkit.portable.postprocess import RawOutputs, postprocess  # noqa: E402
-from nailkit.runtime.runners import Runner  # noqa: E402
+from nailkit.runtime.base import Runner  # noqa: E402
 from nailkit.report.viz import (ThresholdExplorer, detections_table, mask_logit_diffs, overlay,  # noqa: E402
                          plot_mask_logit_diffs, side_by_side, table_html)
 

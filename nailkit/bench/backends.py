@@ -30,7 +30,8 @@ from nailkit.export.variants import detection_only_module
 from nailkit.model.build import export_module, export_options, load_model
 from nailkit.portable.postprocess import postprocess
 from nailkit.portable.preprocess import load_image, preprocess
-from nailkit.runtime.runners import BACKENDS, make_runner, TorchRunner
+from nailkit.runtime.runners import BACKENDS, make_runner
+from nailkit.runtime.torch_runner import TorchRunner
 from nailkit.verify.parity import raw_from_outputs
 
 #: backend kinds ``open_backend`` understands: the one vocabulary of ``nailkit.runtime.runners.BACKENDS``

@@ -1,6 +1,6 @@
 """Which backends the benchmark runs: every artifact earlier notebooks left in the output folder, named and
 described as ``BackendSpec`` rows (``collect_backends``); converted .tflite files are found by their sidecars
-(``nailkit.runtime.runners.find_tflite_artifacts``: checkpoint, route, precision, resolution, export options and the
+(``nailkit.runtime.discovery.find_tflite_artifacts``: checkpoint, route, precision, resolution, export options and the
 file's sha256), never converted unless asked."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from nailkit.bench.backends import BackendSpec, cached_model
 from nailkit.export.onnx import ensure_onnx
 from nailkit.export.variants import ensure_torchscript, export_detection_only_onnx
 from nailkit.model.build import resolve_checkpoint, validate_resolution
-from nailkit.runtime.runners import find_tflite_artifacts
-from nailkit.tflite.convert import ensure_tflite, STATIC_PRECISIONS
+from nailkit.runtime.discovery import find_tflite_artifacts
+from nailkit.tflite.convert import ensure_tflite
+from nailkit.tflite.options import STATIC_PRECISIONS
 
 
 def converted_tflite(output_dir: str | Path, checkpoint_sha256: str, route: str, precision: str, resolution: int,

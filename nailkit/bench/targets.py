@@ -10,9 +10,9 @@ from typing import Any, Mapping, Optional
 from nailkit.bench.benchmark import BenchResult
 from nailkit.bench.flops import flop_key
 from nailkit.core.artifacts import read_sidecar
-from nailkit.tflite.convert import STATIC_PRECISIONS
+from nailkit.tflite.options import STATIC_PRECISIONS
 
-#: route B's static selective int8 precisions (``nailkit.tflite.convert.STATIC_PRECISIONS``: w8a8, w8a16)
+#: route B's static selective int8 precisions (``nailkit.tflite.options.STATIC_PRECISIONS``: w8a8, w8a16)
 STATIC_INT8 = tuple(STATIC_PRECISIONS)
 
 

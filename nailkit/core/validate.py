@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from nailkit.core.errors import UsageError
 from nailkit.core.notebooks import notebook_paths
 
-# precisions ``convert`` knows (nailkit.tflite.convert: PRECISIONS + EXTRA_PRECISIONS + STATIC_PRECISIONS); kept here as data
+# precisions ``convert`` knows (nailkit.tflite.options: PRECISIONS + EXTRA_PRECISIONS + STATIC_PRECISIONS); kept here as data
 # so that checking a flag does not import the converter.
 KNOWN_PRECISIONS = ("fp32", "fp16", "int8", "full_int8", "w8a8", "w8a16")
 

@@ -46,7 +46,7 @@ from nailkit.model.build import (
 from nailkit.model.checkpoint import checkpoint_content
 from nailkit.portable.preprocess import load_image, preprocess
 from nailkit.report.tables import format_onnx_parity, onnx_parity_table, plot_per_query
-from nailkit.runtime.runners import OnnxRunner
+from nailkit.runtime.onnx_runner import OnnxRunner
 from nailkit.verify import gates
 from nailkit.verify.parity import detection_parity, query_matched_diff, raw_from_outputs, tensor_diff
 
@@ -123,7 +123,7 @@ def export_onnx_with_meta(rf, out_path: str | os.PathLike[str], *, resolution: i
 
 
 def _add_metadata(path: Path, rf, meta: dict[str, Any]) -> None:
-    """Store class names and the export parameters as ONNX metadata_props (read by nailkit.runtime.runners.OnnxRunner)."""
+    """Store class names and the export parameters as ONNX metadata_props (read by nailkit.runtime.onnx_runner.OnnxRunner)."""
     import onnx
 
     m = onnx.load(str(path))

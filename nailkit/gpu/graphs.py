@@ -35,7 +35,7 @@ from nailkit.portable.gpu_chain import GRAPH_NAMES, GRAPH_OUTPUTS, SplitModel
 from nailkit.portable.postprocess import RawOutputs, select_mask_queries, select_proposals, sigmoid
 from nailkit.portable.preprocess import preprocess
 from nailkit.tflite import metadata as tm
-from nailkit.tflite.convert import ConversionError
+from nailkit.tflite.launch import ConversionError
 from nailkit.tflite.passes import lift_constant_binary_ops
 from nailkit.verify import gates
 from nailkit.verify.drift import drift_summary

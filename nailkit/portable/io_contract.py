@@ -1,7 +1,7 @@
 """The model-I/O contract: what a converted model takes and returns, and the one way to run a ``.tflite``.
 
 numpy-only (``ai_edge_litert`` is imported only when a ``.tflite`` is opened). It ships in the mobile bundle beside
-``preprocess.py`` and ``postprocess.py``, so the parity gates (``nailkit.tflite.convert``), inference (``nailkit.runtime.runners``)
+``preprocess.py`` and ``postprocess.py``, so the parity gates (``nailkit.tflite.gate``), inference (``nailkit.runtime.runners``)
 and the bundle (``run_bundle.py``) run the same code.
 
 * ``identify_outputs(details)``: canonical meaning → index, by **shape and meaning, never position**. rank 4 →

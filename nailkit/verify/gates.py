@@ -6,7 +6,7 @@ Stages and what ``metrics`` must hold (each a plain dict of numbers, as the comp
 
 * ``"onnx"`` — onnxruntime vs PyTorch fp32, one image: ``max_abs`` ({output: max-abs}), ``detections``
   (``DetectionParity.summary()`` of the reference's top-``top_k``).
-* ``"tflite_fp32"`` — a fp32 .tflite vs PyTorch fp32 (``tflite.artifact_parity(...)["aggregate"]``):
+* ``"tflite_fp32"`` — a fp32 .tflite vs PyTorch fp32 (``nailkit.tflite.gate.artifact_parity(...)["aggregate"]``):
   ``pre_topk_max_abs``, ``forced_max_abs``, ``forced_min_mask_iou``, ``unforced_agree_untied``.
 * ``"tflite_fp16"`` / ``"tflite_int8"`` / ``"tflite_full_int8"`` — the same aggregate with ``control_ratio_max``
   (converter error relative to a PyTorch rounding control of the same precision).

@@ -242,7 +242,7 @@ def raw_from_outputs(outputs: Sequence[np.ndarray] | Mapping[str, np.ndarray], b
 
 
 # ================================================================================================================
-# Selection-aware parity and rounding controls (used by nailkit.tflite.convert's gates)
+# Selection-aware parity and rounding controls (used by nailkit.tflite.gate)
 # ================================================================================================================
 #
 # The two-stage query selection is ``torch.topk`` over the encoder's per-token class scores (near-tied with random
