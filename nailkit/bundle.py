@@ -40,6 +40,7 @@ from nailkit.model.checkpoint import Checkpoint
 from nailkit.portable.gpu_chain import GRAPH_NAMES, SplitModel
 from nailkit.portable.io_contract import check_tflite_file, OUTPUT_MEANINGS, POSTPROCESS_STEPS, TFLiteModel
 from nailkit.portable.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from nailkit.report.bundle_readme import gpu_readme, readme
 from nailkit.runtime.runners import make_runner
 from nailkit.tflite import metadata as tm
 from nailkit.tflite.convert import delegation_report, ensure_tflite
@@ -133,22 +134,12 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
 
     ``target="cpu"``: one .tflite from ``tflite`` when given (its input resolution must match), else from
     ``nailkit.tflite.convert.ensure_tflite`` (cached: converts only when no artifact for this checkpoint exists yet).
-    ``target="gpu"``: the GPU target's three graphs (``nailkit.gpu.graphs.ensure_gpu_graphs``) with the host steps
+    ``target="gpu"``: the GPU target's three graphs (``nailkit.gpu.convert.ensure_gpu_graphs``) with the host steps
     (``gpu_chain.py`` + ``postprocess.py``); ``gpu_check`` also runs them under LiteRT's GPU accelerator
     (SwiftShader here) and writes the delegate's verdict and parity into the card.
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
-
-    if target == "cpu" and not tflite and precision not in KNOWN_PRECISIONS:  # checked before the model loads
-        raise ValueError(f"--precision: expected one of {', '.join(KNOWN_PRECISIONS)}, got {precision!r}")
-    if tflite and not Path(tflite).is_file():
-        raise FileNotFoundError(f"{tflite}: --tflite names no file; expected a converted .tflite")
-    out = check_output_folder(out, force=overwrite)
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{parent}: not writable; choose another --out")
+    _check_request(target, precision, tflite)
+    out = _writable_output_folder(out, overwrite)
     out_root = Path(output_dir) if output_dir else DEFAULT_OUTPUT_DIR
     ckpt = resolve_checkpoint(checkpoint, out_root)
     if not Path(ckpt).is_file():
@@ -157,18 +148,8 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
     if target == "gpu":
         return _make_gpu_bundle(ckpt, rf, out, out_root, resolution=resolution, images=images, threshold=threshold,
                                 latency_runs=latency_runs, gpu_check=gpu_check)
-    if tflite:
-        src = check_tflite_file(tflite)
-        meta = dict(read_sidecar(src) or {})
-        meta.setdefault("route", route)
-        meta.setdefault("precision", precision)
-    else:
-
-        chosen = "default" if route is None and sampling is None else "asked for"
-        route, sampling = default_path(route, sampling)
-        src, meta = ensure_tflite(ckpt, out_root, route=route, precision=precision, resolution=resolution,
-                                  sampling=sampling)
-        meta = {**meta, "path_chosen": chosen}
+    src, meta, route = _bundle_tflite(ckpt, out_root, tflite=tflite, route=route, precision=precision,
+                                      sampling=sampling, resolution=resolution)
     io = read_tflite_io(src)
     res = io["input"]["resolution"]
     if resolution and int(resolution) != res:
@@ -176,10 +157,59 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
     images = list(images) if images is not None else sample_images("all")
     parity = measure_parity(src, rf, images)
     latency = measure_latency(src, latency_threads, latency_runs)
+    card = _cpu_card(ckpt, rf, src, meta, io, route=route, precision=precision, threshold=threshold, parity=parity,
+                     latency=latency, out_root=out_root)
+    files = {MODEL_FILE: Path(src), **COPIED, "labels.txt": "\n".join(card["labels"]) + "\n",
+             "model_card.json": json.dumps(card, indent=2, default=_json_default), "README.md": readme(card)}
+    return _write_folder(out, files)
+
+
+def _check_request(target: str, precision: str, tflite: Optional[str]) -> None:
+    """``make_bundle``'s target, precision and ``--tflite`` file checked before anything loads."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    if target == "cpu" and not tflite and precision not in KNOWN_PRECISIONS:  # checked before the model loads
+        raise ValueError(f"--precision: expected one of {', '.join(KNOWN_PRECISIONS)}, got {precision!r}")
+    if tflite and not Path(tflite).is_file():
+        raise FileNotFoundError(f"{tflite}: --tflite names no file; expected a converted .tflite")
+
+
+def _writable_output_folder(out: str | os.PathLike[str], overwrite: bool) -> Path:
+    """``out`` as ``check_output_folder`` accepts it, its parent created and checked writable."""
+    out = check_output_folder(out, force=overwrite)
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{parent}: not writable; choose another --out")
+    return out
+
+
+def _bundle_tflite(ckpt: Checkpoint, out_root: Path, *, tflite: Optional[str], route: Optional[str], precision: str,
+                   sampling: Optional[str], resolution: Optional[int]) -> tuple[Path, dict[str, Any], Optional[str]]:
+    """The CPU bundle's .tflite, its metadata and the route asked for: the given ``tflite`` file (its sidecar), else
+    ``ensure_tflite``'s file for the route and sampling asked for or the default path (converted when not cached)."""
+    if tflite:
+        src = check_tflite_file(tflite)
+        meta = dict(read_sidecar(src) or {})
+        meta.setdefault("route", route)
+        meta.setdefault("precision", precision)
+        return src, meta, route
+    chosen = "default" if route is None and sampling is None else "asked for"
+    route, sampling = default_path(route, sampling)
+    src, meta = ensure_tflite(ckpt, out_root, route=route, precision=precision, resolution=resolution,
+                              sampling=sampling)
+    return src, {**meta, "path_chosen": chosen}, route
+
+
+def _cpu_card(ckpt: Checkpoint, rf, src: Path, meta: dict[str, Any], io: dict[str, Any], *, route: Optional[str],
+              precision: str, threshold: float, parity: dict[str, Any], latency: dict[str, Any], out_root: Path
+              ) -> dict[str, Any]:
+    """The CPU bundle's ``model_card.json``: source, labels, input pipeline, outputs, post-processing, conversion
+    path, measured parity and latency, versions."""
+    res = io["input"]["resolution"]
     labels = list(rf.class_names)
     num_select = int(getattr(rf.model.postprocess, "num_select", 200))
-
-    card = {
+    return {
         "model_file": MODEL_FILE,
         "model_sha256": file_sha256(src, 64),
         "source": {"checkpoint": ckpt.name, "checkpoint_sha256": ckpt.sha256(),
@@ -212,9 +242,6 @@ def make_bundle(checkpoint: str | os.PathLike[str] | None, out: str | os.PathLik
                        if k in meta},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    files = {MODEL_FILE: Path(src), **COPIED, "labels.txt": "\n".join(labels) + "\n",
-             "model_card.json": json.dumps(card, indent=2, default=_json_default), "README.md": readme(card)}
-    return _write_folder(out, files)
 
 
 def _preprocess_card(res: int, layout: str, shape: list[int]) -> dict[str, Any]:
@@ -232,7 +259,9 @@ def _preprocess_card(res: int, layout: str, shape: list[int]) -> dict[str, Any]:
 def _make_gpu_bundle(ckpt: Checkpoint, rf, out: Path, out_root: Path, *, resolution: Optional[int],
                      images: Optional[Sequence[Any]], threshold: float, latency_runs: int, gpu_check: bool) -> Path:
     """The ``--target gpu`` bundle (see ``make_bundle``)."""
-    from nailkit.gpu.graphs import HOST_STEPS, IO_MEANINGS, ensure_gpu_graphs, verify_gpu_graphs  # lazy: torch + rfdetr at import
+    from nailkit.gpu.convert import ensure_gpu_graphs  # lazy: torch + rfdetr at import
+    from nailkit.gpu.export import HOST_STEPS, IO_MEANINGS
+    from nailkit.gpu.verify import verify_gpu_graphs
 
     art = ensure_gpu_graphs(ckpt, out_root, resolution, images=images)
     meta = art["meta"]
@@ -299,56 +328,6 @@ GPU_POSTPROCESS_STEPS = [
 ]
 
 
-def gpu_readme(card: dict[str, Any]) -> str:
-    rows = "\n".join(f"| `{v['file']}` | " + ", ".join(f"`{i['name']}` {i['shape']}" for i in v["inputs"]) + " | "
-                     + ", ".join(f"`{o['name']}`" for o in v["outputs"]) + f" | {v['ops']} |"
-                     for v in card["graphs"].values())
-    steps = "\n".join(f"{i}. {s}" for i, s in enumerate(card["postprocess"]["steps"], 1))
-    meanings = "\n".join(f"- `{k}`: {v}" for k, v in card["io_meanings"].items())
-    par = card["parity_cpu_interpreter"]
-    gc = card["gpu_check"]
-    gpu_line = gc if isinstance(gc, str) else (gc.get("skipped") or "; ".join(
-        f"{m}: ops on GPU {gc[m].get('ops_on_gpu')}, parity {gc[m].get('parity', {}).get('matched_top10')} matched, "
-        f"min mask IoU {gc[m].get('parity', {}).get('min_mask_iou')}" for m in ("gpu", "gpu_f32") if m in gc))
-    inp = card["input"]
-    return f"""# Nail segmentation model bundle — GPU target (RF-DETR {card['source']['architecture']}, LiteRT GPU delegate)
-
-Three graphs for LiteRT's GPU delegate (every op on the GPU: no TopK/GATHER, no integer tensors, tensors ≤ 4-D),
-with the two small host steps between them in numpy. `model_card.json` is the machine-readable version of this page;
-each `.tflite` also carries its own metadata (`nailkit_metadata` entry and an appended zip with `nailkit_metadata.json`,
-`labels.txt`).
-
-| file | inputs | outputs | ops |
-|---|---|---|---|
-{rows}
-
-`gpu_chain.py` runs the chain (`SplitModel(folder, "gpu")` compiles each graph for the GPU accelerator alone),
-`postprocess.py` holds the host steps, `preprocess.py` the input pipeline, `run_bundle.py` all of it:
-`python run_bundle.py photo.jpg [--accelerator gpu] --json out.json` (numpy, Pillow, ai-edge-litert).
-
-## Input
-`image`: float32 {inp['shape']} (NHWC), colour order RGB.
-{chr(10).join(f'{i}. {s}' for i, s in enumerate(inp['value_pipeline'], 1))}
-
-mean = {inp['mean']}, std = {inp['std']}.
-
-## Tensors
-{meanings}
-
-## The chain (in this order)
-{steps}
-
-Defaults: num_queries = {card['num_queries']}, mask slots = {card['mask_slots']}, num_select =
-{card['postprocess']['num_select']}, threshold = {card['postprocess']['threshold']}, mask threshold 0 (on logits).
-Keep `memory` on the GPU between graphs when your runtime allows it (it is graph B's and graph C's input).
-
-## Measured
-- The chain on the CPU interpreter vs the one-graph PyTorch model, {par['images']} images: {par['matched_top10']}
-  top-10 detections matched; min mask IoU {par['min_mask_iou']}; max score difference {par['max_score_diff']:.2g}.
-- GPU delegate (LiteRT WebGPU accelerator): {gpu_line}
-"""
-
-
 def _write_folder(out: Path, files: dict[str, Any]) -> Path:
     """Write ``files`` ({name: source Path to copy | text}) as the folder ``out``: built in a temporary sibling, then
     renamed into place, so a failure never leaves a half-written bundle.
@@ -395,63 +374,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return str(o)
-
-
-def readme(card: dict[str, Any]) -> str:
-    inp = card["input"]
-    lat = card["latency"]
-    par = card["parity"]
-    outs = "\n".join(f"| `{o['name']}` | {o['meaning']} | {o['shape']} {o['dtype']}"
-                     f"{' (layout ' + o['layout'] + ')' if o.get('layout') else ''} | {o['description']}: "
-                     f"{o['format']} | {o['values']} |" for o in card["outputs"])
-    lat_lines = "\n".join(f"- {t} thread(s): median {v['median_ms']:.1f} ms, p90 {v['p90_ms']:.1f} ms"
-                          for t, v in lat["by_threads"].items())
-    steps = "\n".join(f"{i}. {s}" for i, s in enumerate(card["postprocess"]["steps"], 1))
-    demo = ("\n> **Demo model**: this bundle was built from nailkit's random-weight demo checkpoint. Its scores sit "
-            "near 0.03, so it finds no nails at the default threshold; it exists to test the integration.\n"
-            if card["source"].get("demo_random_weights") else "")
-    return f"""# Nail segmentation model bundle (RF-DETR {card['source']['architecture']}, TFLite)
-{demo}
-Everything the app needs is in this folder; `model_card.json` is the machine-readable version of this page.
-
-| file | what |
-|---|---|
-| `{card['model_file']}` | the model ({card['source']['route']} route, {card['source']['precision']}) |
-| `labels.txt` | class names, line *i* = class id *i* |
-| `preprocess.py` | reference preprocessing (numpy + Pillow) |
-| `postprocess.py` | reference post-processing (numpy only) |
-| `io_contract.py` | reads the model's outputs by shape and meaning, (de)quantises, runs it (numpy, ai-edge-litert) |
-| `run_bundle.py` | runs it all: `python run_bundle.py photo.jpg --json out.json` (numpy, Pillow, ai-edge-litert) |
-
-## Input
-`{inp['name']}`: {inp['dtype']} {inp['shape']} ({inp['layout']}), colour order {inp['colour_order']}.
-
-{chr(10).join(f'{i}. {s}' for i, s in enumerate(inp['value_pipeline'], 1))}
-
-mean = {inp['mean']}, std = {inp['std']}. Use the same resize as `preprocess.py` (a different resampler — e.g.
-an antialiased one — shifts the scores).
-
-## Outputs (identify them by **name or shape**, never by position: converters reorder them)
-| name | meaning | shape | format | values |
-|---|---|---|---|---|
-{outs}
-
-## Post-processing (in this order; `postprocess.py` is the reference)
-{steps}
-
-Defaults: num_select = {card['postprocess']['num_select']}, threshold = {card['postprocess']['threshold']},
-mask threshold = {card['postprocess']['mask_threshold']} (on logits). {card['postprocess']['background_slot']}.
-
-## Measured
-- Parity vs PyTorch fp32 on {par['images']} images: {par['matched']}/{par['of']} of the top-10 detections matched by
-  IoU; min mask IoU {par['min_mask_iou'] if par['min_mask_iou'] is None else round(par['min_mask_iou'], 4)};
-  max box difference {par['max_box_l1_px']:.2f} px; max score difference {par['max_score_diff']:.2g}.
-- Latency on {lat['cpu']} ({lat['cpu_count']} cores; load average {lat['loadavg_1m']:.1f} while measuring),
-  XNNPACK, batch 1, {lat['runs']} runs:
-{lat_lines}
-
-Versions: see `model_card.json` → `versions`.
-"""
 
 
 def path_card(src: Path, meta: dict[str, Any], output_dir: Optional[Path] = None) -> dict[str, Any]:

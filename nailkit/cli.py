@@ -20,14 +20,16 @@ from nailkit.core.notebooks import cli_strip, cli_workbook
 from nailkit.core.outdir import check_path, guard_output
 from nailkit.core.paths import SHIPPED_MODELS
 from nailkit.core.validate import validate_args
-from nailkit.data.dataset import DatasetError, load_split, make_dataset
+from nailkit.data.coco_export import DatasetError, load_split
 from nailkit.data.samples import DATA_DIR, make_data
+from nailkit.data.synthetic_dataset import make_dataset
 from nailkit.export.onnx import cli_export_onnx
 from nailkit.model.build import make_demo_checkpoint
-from nailkit.model.checkpoint import inspect_checkpoint
+from nailkit.model.checkpoint_report import inspect_checkpoint
 from nailkit.runtime.predict import cli_predict
 from nailkit.tflite.convert import cli_convert as convert_cpu
-from nailkit.train.demo import cli_model_card as write_model_card, cli_train_demo
+from nailkit.train.card import cli_model_card as write_model_card
+from nailkit.train.demo import cli_train_demo
 
 
 def _ints(text: str) -> list[int]:
@@ -166,7 +168,7 @@ def _add_conversion_commands(sub) -> None:
     s.add_argument("--trusted", action="store_true", help="allow unpickling arbitrary objects (only files you trust)")
     s.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: the .tflite files of --route/--precision (default); gpu: the GPU target's three graphs "
-                        "(nailkit.gpu.graphs; --route/--precision/--sampling do not apply)")
+                        "(nailkit.gpu.convert; --route/--precision/--sampling do not apply)")
     s.set_defaults(handler=cli_convert)
 
 
@@ -198,7 +200,7 @@ def _add_use_commands(sub) -> None:
     s.add_argument("--tflite", default=None, help="reuse an existing converted .tflite instead of converting")
     s.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: one .tflite for XNNPACK (default); gpu: three graphs for LiteRT's GPU delegate + numpy "
-                        "host steps (nailkit.gpu.graphs)")
+                        "host steps (nailkit.gpu.split)")
     s.add_argument("--gpu-check", action="store_true",
                    help="--target gpu: also run the graphs under LiteRT's GPU accelerator (SwiftShader here) and "
                         "write its verdict and parity into the model card")
@@ -282,9 +284,9 @@ def cli_model_card(args: argparse.Namespace) -> int:
 
 
 def cli_convert(args: argparse.Namespace) -> int:
-    """``convert``: the CPU target's files (nailkit.tflite.convert) or the GPU target's graphs (nailkit.gpu.graphs)."""
+    """``convert``: the CPU target's files (nailkit.tflite.convert) or the GPU target's graphs (nailkit.gpu.convert)."""
     if getattr(args, "target", "cpu") == "gpu":
-        from nailkit.gpu.graphs import cli_convert_gpu  # lazy: torch + rfdetr at import
+        from nailkit.gpu.convert import cli_convert_gpu  # lazy: torch + rfdetr at import
 
         return cli_convert_gpu(args)
 

@@ -13,7 +13,9 @@ import torch
 
 from nailkit.core.artifacts import file_sha256
 from nailkit.model.build import make_demo_checkpoint
-from nailkit.model.checkpoint import CheckpointError, checkpoint_content, inspect_checkpoint, load_checkpoint
+from nailkit.model.checkpoint import checkpoint_content
+from nailkit.model.checkpoint_loading import CheckpointError, load_checkpoint
+from nailkit.model.checkpoint_report import inspect_checkpoint
 from nailkit.model.build import load_model, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

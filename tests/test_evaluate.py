@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from nailkit.data import dataset as D
+from nailkit.data.coco_export import ANNOTATIONS, load_split
+from nailkit.data.coco_masks import instance_masks
+from nailkit.data.synthetic_dataset import CATEGORIES, make_dataset
 from nailkit.accuracy.evaluate import evaluate, label_to_category, match_at_threshold
 from nailkit.portable.postprocess import Prediction
 
@@ -16,7 +18,7 @@ from nailkit.portable.postprocess import Prediction
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "nails"
-    D.make_dataset(out, seed=7, sizes={"train": 1, "valid": 1, "test": 6})
+    make_dataset(out, seed=7, sizes={"train": 1, "valid": 1, "test": 6})
     return out
 
 
@@ -32,7 +34,7 @@ class OracleRunner:
         im = next(i for i in self.split.coco["images"] if i["id"] == self._next)  # evaluate() goes in id order
         assert np.asarray(image).shape[:2] == (im["height"], im["width"])
         self._next += 1
-        masks = D.instance_masks(self.split, im)
+        masks = instance_masks(self.split, im)
         keep = [k for k in range(len(masks)) if not (self.drop_every and k % self.drop_every == 0)]
         masks = masks[keep]
         if self.extra_fp:
@@ -53,7 +55,7 @@ class OracleRunner:
 
 
 def _run(ds, **kw):
-    split = D.load_split(ds, "test")
+    split = load_split(ds, "test")
     r = OracleRunner(split, **kw)
     r._next = min(i["id"] for i in split.coco["images"])
     return evaluate(None, ds, runner=r, progress=False)
@@ -64,8 +66,8 @@ def test_perfect_predictions_score_one(ds):
     assert m["mask_map50_95"] == pytest.approx(1.0) and m["mask_map50"] == pytest.approx(1.0)
     assert m["box_map50"] == pytest.approx(1.0) and m["box_map50_95"] > 0.9  # boxes from decoded polygons: ±1 px
     assert m["recall"] == 1.0 and m["fp_per_image"] == 0.0
-    assert m["images"] == 6 and m["instances"] == sum(len(D.instance_masks(D.load_split(ds, "test"), im))
-                                                       for im in D.load_split(ds, "test").coco["images"])
+    assert m["images"] == 6 and m["instances"] == sum(len(instance_masks(load_split(ds, "test"), im))
+                                                       for im in load_split(ds, "test").coco["images"])
 
 
 def test_annotation_id_zero_is_not_taken_for_unmatched(ds, tmp_path):
@@ -73,7 +75,7 @@ def test_annotation_id_zero_is_not_taken_for_unmatched(ds, tmp_path):
     import shutil
 
     shutil.copytree(ds, tmp_path / "zero")
-    f = tmp_path / "zero" / "test" / D.ANNOTATIONS
+    f = tmp_path / "zero" / "test" / ANNOTATIONS
     coco = json.loads(f.read_text())
     for n, a in enumerate(coco["annotations"]):
         a["id"] = n
@@ -95,7 +97,7 @@ def test_metrics_stay_finite_json_without_nails_or_detections(ds, tmp_path):
     import shutil
 
     shutil.copytree(ds, tmp_path / "empty")
-    f = tmp_path / "empty" / "test" / D.ANNOTATIONS
+    f = tmp_path / "empty" / "test" / ANNOTATIONS
     coco = json.loads(f.read_text())
     coco["annotations"] = []
     f.write_text(json.dumps(coco))
@@ -119,7 +121,7 @@ def test_match_is_one_to_one_and_respects_threshold():
 
 
 def test_label_mapping_follows_rfdetr_and_names():
-    coco = {"categories": D.CATEGORIES, "annotations": [{"category_id": 1}]}
+    coco = {"categories": CATEGORIES, "annotations": [{"category_id": 1}]}
     assert label_to_category(coco, ["Nail"]) == {0: 1}
     # nailkit's random demo names class 0 'background' and class 1 'Nail'
     assert label_to_category(coco, ["background", "Nail"]) == {1: 1}

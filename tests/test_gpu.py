@@ -1,5 +1,6 @@
-"""nailkit.gpu.delegate: the flatbuffer op check, the GPU delegate's own verdict under SwiftShader, fp16 safety, and the
-GPU-clean replacements (tent-matmul sampler, ≤4-D windowing and deformable attention, SafeLayerNorm, sine embed).
+"""nailkit.gpu's checks: the flatbuffer op check (op_check), the GPU delegate's own verdict under SwiftShader
+(delegate, swiftshader), fp16 safety (fp16), and the GPU-clean replacements (patches: tent-matmul sampler, ≤4-D
+windowing and deformable attention, sine embed; SafeLayerNorm).
 
 The delegate tests need SwiftShader's Vulkan driver (`apt-get install -y chromium libvulkan1`, done by the Makefile);
 without it they skip with the reason. Everything else runs anywhere in seconds (hand-written probe flatbuffers, no
@@ -15,10 +16,10 @@ import pytest
 import torch
 
 from _probes import write_probe_model
-from nailkit.gpu import delegate as gpu
-from nailkit.gpu import graphs as gpu_graphs
+from nailkit.gpu import delegate, fp16, patches, swiftshader
+from nailkit.gpu.op_check import op_check
 
-GPU_REASON = gpu.gpu_unavailable_reason()
+GPU_REASON = swiftshader.gpu_unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU delegate check: {GPU_REASON}")
 
 LOG = """\
@@ -40,7 +41,7 @@ def probes(tmp_path_factory):
 
 
 def test_parse_delegate_log():
-    p = gpu.parse_delegate_log(LOG)
+    p = delegate.parse_delegate_log(LOG)
     assert p["adapter"].startswith("SwiftShader Device")
     assert (p["ops_on_gpu"], p["ops_on_cpu"]) == (9, 5)
     assert [r["op"] for r in p["refusals"]] == ["GATHER_ND", "MUL", "SUB"]
@@ -50,9 +51,9 @@ def test_parse_delegate_log():
 
 
 def test_op_check_clean_and_blocked(probes):
-    clean = gpu.op_check(probes["clean"])
+    clean = op_check(probes["clean"])
     assert clean.ok and clean.n_ops == 2 and clean.histogram == {"ADD": 1, "MUL": 1} and not clean.over_4d
-    blocked = gpu.op_check(probes["blocked"])
+    blocked = op_check(probes["blocked"])
     assert not blocked.ok
     assert blocked.banned == {"GATHER": 1, "CAST→INT32": 1}  # the CAST back to float is not banned
     assert [t[1] for t in blocked.over_4d] == [[1, 2, 4, 8, 4]]
@@ -64,14 +65,14 @@ def test_op_check_rejects_non_tflite(tmp_path):
     p = tmp_path / "x.tflite"
     p.write_bytes(b"not a model at all")
     with pytest.raises(ValueError, match="TFL3"):
-        gpu.op_check(p)
+        op_check(p)
 
 
 def test_unavailable_reason_is_one_line(monkeypatch, probes):
-    monkeypatch.setattr(gpu, "swiftshader_icd", lambda: None)
-    why = gpu.gpu_unavailable_reason()
+    monkeypatch.setattr(swiftshader, "swiftshader_icd", lambda: None)
+    why = swiftshader.gpu_unavailable_reason()
     assert why and "\n" not in why and "chromium" in why
-    v = gpu.delegate_verdict(probes["clean"])
+    v = delegate.delegate_verdict(probes["clean"])
     assert not v.available and not v.ok and v.line().startswith("GPU check skipped:")
 
 
@@ -86,14 +87,14 @@ def test_delegate_child_goes_through_run_python(monkeypatch, probes):
         log_path.write_text("$ python -m ...\nI0000 environment.cc:532] Selected adapter: SwiftShader Device\n"
                             "Fatal Python error: Segmentation fault\n")
         if outcome == "timeout":
-            raise gpu.subproc.WorkerError("timed out", timed_out=True)
+            raise delegate.subproc.WorkerError("timed out", timed_out=True)
         result = {"compiled": True, "fully_accelerated": True, "error": "", "run_ms": 1.0, "outputs": []}
-        raise gpu.subproc.WorkerError("failed", returncode=-11, result=result if outcome == "crash" else None)
+        raise delegate.subproc.WorkerError("failed", returncode=-11, result=result if outcome == "crash" else None)
 
-    monkeypatch.setattr(gpu, "gpu_unavailable_reason", lambda: None)
+    monkeypatch.setattr(delegate, "gpu_unavailable_reason", lambda: None)
     for outcome in ("died", "timeout", "crash"):
-        monkeypatch.setattr(gpu.subproc, "run_python", lambda *a, o=outcome, **k: fake(*a, outcome=o, **k))
-        v = gpu.delegate_verdict(probes["clean"], timeout=7)
+        monkeypatch.setattr(delegate.subproc, "run_python", lambda *a, o=outcome, **k: fake(*a, outcome=o, **k))
+        v = delegate.delegate_verdict(probes["clean"], timeout=7)
         assert v.adapter == "SwiftShader Device" and "$ python" not in v.log_tail
         if outcome == "died":
             assert v.error == "GPU child process died (rc -11): Fatal Python error: Segmentation fault"
@@ -111,7 +112,7 @@ def test_delegate_child_goes_through_run_python(monkeypatch, probes):
 @pytest.mark.parametrize("enforce_f32", [False, True])
 def test_delegate_clean_model_fully_on_gpu(probes, enforce_f32, cpu_run):
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    v = gpu.delegate_verdict(probes["clean"], enforce_f32=enforce_f32, inputs={"input": x})
+    v = delegate.delegate_verdict(probes["clean"], enforce_f32=enforce_f32, inputs={"input": x})
     assert "SwiftShader" in v.adapter, v.log_tail[-2000:]
     assert v.compiled and v.fully_accelerated and v.ok, v.line()
     assert (v.ops_on_gpu, v.ops_total) == (2, 2)
@@ -121,7 +122,7 @@ def test_delegate_clean_model_fully_on_gpu(probes, enforce_f32, cpu_run):
 
 @needs_gpu
 def test_delegate_refuses_blocked_model_alone_and_reports_why(probes):
-    v = gpu.delegate_verdict(probes["blocked"])
+    v = delegate.delegate_verdict(probes["blocked"])
     assert not v.compiled and not v.ok
     assert "not accelerated" in v.error
     ops = v.refusal_summary()
@@ -134,7 +135,7 @@ def test_delegate_mixed_run_is_not_ok_even_when_litert_says_fully_accelerated(pr
     """Measured: with GPU|CPU, is_fully_accelerated() returned True although the delegate left 2 of 5 ops on the
     CPU; the verdict's ``ok`` also requires every op on the GPU, so it stays False."""
     x = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    v = gpu.delegate_verdict(probes["blocked"], inputs={"input": x}, allow_cpu=True)
+    v = delegate.delegate_verdict(probes["blocked"], inputs={"input": x}, allow_cpu=True)
     assert v.compiled and v.ops_on_gpu == 3 and v.ops_total == 5
     assert not v.ok
     np.testing.assert_allclose(v.outputs["output"], cpu_run(probes["blocked"], x), atol=2e-3)
@@ -159,17 +160,17 @@ def test_activation_maxima_flags_fp16_overflow_and_safe_layernorm_fixes_it():
     torch.manual_seed(0)
     m = _Tiny().eval()
     x = torch.randn(1, 10, 256)
-    before = gpu.activation_maxima(m, (x,))
+    before = fp16.activation_maxima(m, (x,))
     assert before["layer_norm_sites"] == 1 and before["softmax_sites"] == 1
     assert before["layer_norm_max_abs_in"] > 100
-    assert before["layer_norm_max_sumsq"] > gpu.FP16_MAX and before["fp16_overflow_sites"] == ["layer_norm@norm"]
+    assert before["layer_norm_max_sumsq"] > fp16.FP16_MAX and before["fp16_overflow_sites"] == ["layer_norm@norm"]
     with torch.no_grad():
         ref = m(x)
-    assert gpu.replace_layernorms(m) == 1
-    after = gpu.activation_maxima(m, (x,))
+    assert fp16.replace_layernorms(m) == 1
+    after = fp16.activation_maxima(m, (x,))
     assert after["layer_norm_max_abs_in"] == pytest.approx(before["layer_norm_max_abs_in"], rel=1e-6)
     assert after["layer_norm_max_abs_reduced"] <= 8.0 + 1e-4  # S = max|x|/8 per row
-    assert after["layer_norm_max_sumsq"] < gpu.FP16_MAX and after["fp16_overflow_sites"] == []
+    assert after["layer_norm_max_sumsq"] < fp16.FP16_MAX and after["fp16_overflow_sites"] == []
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-6)
 
@@ -178,7 +179,7 @@ def test_safe_layernorm_equals_layernorm_small_and_large_and_channels_first():
     from rfdetr.models.backbone.projector import LayerNorm as ChannelsFirstLN
 
     torch.manual_seed(0)
-    cls = gpu.safe_layernorm_class()
+    cls = fp16.safe_layernorm_class()
     ln = torch.nn.LayerNorm(64, eps=1e-6)
     torch.nn.init.normal_(ln.weight)
     torch.nn.init.normal_(ln.bias)
@@ -202,14 +203,14 @@ def test_window_partition_and_reverse_match_rfdetr_order():
     ref = x.reshape(b * nwin, wh, nwin, ww, c).permute(0, 2, 1, 3, 4).reshape(b * nwin * nwin, wh * ww, c)
     got = x.reshape(b * nwin, wh, nwin, ww * c).permute(0, 2, 1, 3).reshape(b * nwin * nwin, wh * ww, c)
     torch.testing.assert_close(got, ref)  # the partition used in _windowed_embeddings_forward
-    torch.testing.assert_close(gpu_graphs._window_reverse(ref, b, nh, nw, nwin), x)
+    torch.testing.assert_close(patches._window_reverse(ref, b, nh, nw, nwin), x)
 
 
 def test_sine_embed_equals_rfdetr():
     from rfdetr.models.transformer import gen_sineembed_for_position
 
     pos = torch.rand(1, 50, 4)
-    torch.testing.assert_close(gpu_graphs._sine_embed_gpu(pos, 128), gen_sineembed_for_position(pos, 128),
+    torch.testing.assert_close(patches._sine_embed_gpu(pos, 128), gen_sineembed_for_position(pos, 128),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -227,17 +228,17 @@ def test_msda_gpu_forward_equals_rfdetr():
     with torch.no_grad():
         ref = m(q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
         m._nailkit_hw = (h, w)
-        got = gpu_graphs._msda_forward_gpu(m, q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
+        got = patches._msda_forward_gpu(m, q, ref_pts, mem, ss, lsi, None, input_spatial_shapes_hw=[(h, w)])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_tanh_gelu_close_to_gelu():
     x = torch.linspace(-6, 6, 1001)
-    assert (gpu_graphs.tanh_gelu(x) - torch.nn.functional.gelu(x)).abs().max() < 1e-3
+    assert (patches.tanh_gelu(x) - torch.nn.functional.gelu(x)).abs().max() < 1e-3
 
 
 def test_op_check_flags_rank2_constant_binary_op(probes):
-    oc = gpu.op_check(probes["rank2_const"])
+    oc = op_check(probes["rank2_const"])
     assert not oc.ok and not oc.banned and not oc.over_4d
     assert oc.risky_constant_ops == [{"index": 0, "op": "ADD", "runtime_shape": [24, 32], "constant_shape": [24, 32]}]
     assert "wrong on WebGPU" in oc.line()
@@ -251,11 +252,11 @@ def test_delegate_computes_rank2_constant_add_wrong_and_the_lift_fixes_it(probes
     x = np.random.default_rng(0).standard_normal((24, 32)).astype(np.float32)
     want = x + np.linspace(-3, 3, 24 * 32, dtype=np.float32).reshape(24, 32)
     np.testing.assert_array_equal(cpu_run(probes["rank2_const"], x), want)
-    bad = gpu.delegate_verdict(probes["rank2_const"], inputs={"input": x})
+    bad = delegate.delegate_verdict(probes["rank2_const"], inputs={"input": x})
     assert bad.compiled and bad.fully_accelerated and bad.ops_on_gpu == 1
     assert np.abs(bad.outputs["output"] - want).max() > 1.0  # measured 5.76
     fixed = tmp_path / "lifted.tflite"
     assert lift_constant_binary_ops(probes["rank2_const"], fixed) == 1
-    good = gpu.delegate_verdict(fixed, inputs={"input": x})
+    good = delegate.delegate_verdict(fixed, inputs={"input": x})
     assert good.ok and good.ops_on_gpu == good.ops_total == 3  # RESHAPE, ADD, RESHAPE
     np.testing.assert_allclose(good.outputs["output"], want, atol=1e-6)

@@ -1,8 +1,8 @@
-"""The GPU target (nailkit.gpu.graphs + gpu_chain): the three graphs of the trained demo, converted once (cached
-under outputs/gpu/, shared with notebook 04 and the bundle test), op-clean, with named signatures and embedded
-metadata; the chain on the CPU interpreter equals the PyTorch graphs and the one-graph model. The GPU delegate's own
-run of these graphs is notebook 04's (minutes under SwiftShader); the delegate defect the pass fixes is tested on a
-probe in test_gpu.py."""
+"""The GPU target (nailkit.gpu: split, export, convert, parity + gpu_chain): the three graphs of the trained demo,
+converted once (cached under outputs/gpu/, shared with notebook 04 and the bundle test), op-clean, with named
+signatures and embedded metadata; the chain on the CPU interpreter equals the PyTorch graphs and the one-graph model.
+The GPU delegate's own run of these graphs is notebook 04's (minutes under SwiftShader); the delegate defect the pass
+fixes is tested on a probe in test_gpu.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 
 from nailkit.verify import gates
-from nailkit.gpu import delegate as gpu
-from nailkit.gpu import graphs as gpu_graphs
+from nailkit.gpu.convert import ensure_gpu_graphs
+from nailkit.gpu.export import HOST_STEPS
+from nailkit.gpu.op_check import op_check
+from nailkit.gpu.parity import _nhwc, forced_chain_parity
+from nailkit.gpu.split import DEFAULT_MASK_SLOTS, build_gpu_graphs
+from nailkit.gpu.verify import fp16_safety
 from nailkit.tflite import metadata as tflite_metadata
 from nailkit.portable.gpu_chain import GRAPH_INPUTS, GRAPH_NAMES, GRAPH_OUTPUTS, SplitModel
 
@@ -20,14 +24,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def art(outputs_dir):
-    return gpu_graphs.ensure_gpu_graphs("", outputs_dir)
+    return ensure_gpu_graphs("", outputs_dir)
 
 
 def test_graphs_are_gpu_clean_with_named_io(art):
     from ai_edge_litert.interpreter import Interpreter
 
     for g in GRAPH_NAMES:
-        oc = gpu.op_check(art["paths"][g])
+        oc = op_check(art["paths"][g])
         assert oc.ok and not oc.banned and not oc.over_4d and not oc.risky_constant_ops, oc.line()
         assert oc.int_tensors == 0 and "FLOOR_DIV" not in oc.histogram
         sig = Interpreter(model_path=str(art["paths"][g])).get_signature_list()["serving_default"]
@@ -45,7 +49,7 @@ def test_metadata_embedded_and_readable_without_nailkit(art):
         assert md["class_names"] == art["meta"]["class_names"] and md["graph"]["name"] == g  # the checkpoint's
         assert [o["name"] for o in md["outputs"]] == list(GRAPH_OUTPUTS[g])
         with zipfile.ZipFile(art["paths"][g]) as z:  # the appended zip: any zip reader
-            assert json.loads(z.read(tflite_metadata.ZIP_MEMBER))["graph"]["host_steps"] == gpu_graphs.HOST_STEPS
+            assert json.loads(z.read(tflite_metadata.ZIP_MEMBER))["graph"]["host_steps"] == HOST_STEPS
             assert z.read("labels.txt").decode().splitlines() == art["meta"]["class_names"]
 
 
@@ -53,7 +57,7 @@ def test_metadata_embedded_and_readable_without_nailkit(art):
 def torch_graphs(art):
     from nailkit.model.build import load_model
 
-    return gpu_graphs.build_gpu_graphs(load_model(art["meta"]["checkpoint"]), 432)
+    return build_gpu_graphs(load_model(art["meta"]["checkpoint"]), 432)
 
 
 # XNNPACK's AVX2 and AVX-512 paths sum in different orders, and so do the builtin and reference kernels: near-tied
@@ -64,10 +68,10 @@ def test_cpu_chain_equals_torch_chain_selection_aware(art, torch_graphs, kernels
     from nailkit.data.samples import sample_images
 
     split = SplitModel(art["dir"], "cpu", cpu_kernels=kernels)
-    assert (split.resolution, split.num_queries, split.mask_slots) == (432, 200, gpu_graphs.DEFAULT_MASK_SLOTS)
-    x = gpu_graphs._nhwc(sample_images("synthetic")[:1], 432)[0]
+    assert (split.resolution, split.num_queries, split.mask_slots) == (432, 200, DEFAULT_MASK_SLOTS)
+    x = _nhwc(sample_images("synthetic")[:1], 432)[0]
     got = split.run(x, threshold=-1.0)
-    par = gpu_graphs.forced_chain_parity(torch_graphs, x, got, threshold=-1.0)
+    par = forced_chain_parity(torch_graphs, x, got, threshold=-1.0)
     assert gates.check("gpu_chain_forced", par) == [], par
     assert par["proposals"]["size"] == 200 and par["mask_queries"]["size"] == split.mask_slots
     assert got["pred_masks"].shape == (1, split.mask_slots, 108, 108) and len(got["mask_queries"]) == split.mask_slots
@@ -77,7 +81,7 @@ def test_chain_masks_only_the_queries_above_the_threshold(art):
     from nailkit.data.samples import sample_images
 
     split = SplitModel(art["dir"], "cpu")
-    x = gpu_graphs._nhwc(sample_images("synthetic")[:1], 432)[0]
+    x = _nhwc(sample_images("synthetic")[:1], 432)[0]
     # at the app's threshold only the queries above it get a row; the rest of graph C's slots are zero input
     at = split.run(x, threshold=0.5)
     scores = 1 / (1 + np.exp(-at["pred_logits"][0]))
@@ -115,7 +119,7 @@ def test_missing_graph_is_named(tmp_path):
 def test_fp16_safety_reports_both_layernorms(art):
     from nailkit.data.samples import sample_images
 
-    s = gpu_graphs.fp16_safety(art["meta"]["checkpoint"], images=sample_images("photos")[:1])
+    s = fp16_safety(art["meta"]["checkpoint"], images=sample_images("photos")[:1])
     for g in ("graph_a", "graph_b"):
         before, after = s["before"][g], s["after"][g]
         assert before["layer_norm_sites"] == after["layer_norm_sites"] > 0

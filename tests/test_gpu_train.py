@@ -1,4 +1,4 @@
-"""The CPU-side parts of the GPU training path (nailkit/train/gpu.py, tools/gpu_train.sh): chunking within the return
+"""The CPU-side parts of the GPU training path (nailkit/train/gpu/, tools/gpu_train.sh): chunking within the return
 limits, reassembly with sha256 checks (a corrupt or missing chunk refused), the wheel list and its Requires-Dist
 check, the working tree's transfer size, and taking the tracked model out of the transfer and back."""
 
@@ -7,12 +7,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from nailkit.core.artifacts import file_sha256
-from nailkit.train import gpu as G
+from nailkit.train.gpu.chunks import (CHUNK_SIZE, CHUNKS_PER_CALL, MANIFEST, calls_needed, reassemble, split_file,
+                                      stage_call)
+from nailkit.train.gpu.limits import RETURN_MAX_CALL, RETURN_MAX_FILE, RETURN_MAX_FILES, GpuTransferError
+from nailkit.train.gpu.transfer import (TRACKED_MODEL, check_transfer, restore, transfer_files, untrack,
+                                        untracked_for_call)
+from nailkit.train.gpu.wheels import ROOTS, check_wheels, requirement_closure, wheel_metadata, wheels_to_install
 
 
 def _blob(path, n, seed=0):
@@ -25,52 +32,52 @@ def _blob(path, n, seed=0):
 def test_chunks_round_trip_over_several_calls(tmp_path):
     src = _blob(tmp_path / "model.pth", 10_000 + 7)
     state = tmp_path / "state"
-    m = G.split_file(src, state, chunk_size=1000, extra={"training": {"steps": 5}})
+    m = split_file(src, state, chunk_size=1000, extra={"training": {"steps": 5}})
     assert len(m["chunks"]) == 11 and m["chunks"][-1]["size"] == 7 and m["sha256"] == file_sha256(src, 64)
-    assert m["calls"] == G.calls_needed(11) == 3 and m["training"] == {"steps": 5}
+    assert m["calls"] == calls_needed(11) == 3 and m["training"] == {"steps": 5}
     calls = []
     for k in range(3):  # one $OUT per device call, as the tool returns them
         out = tmp_path / f"call{k}"
-        files = G.stage_call(state, out, k, extra_files=[src.parent / "absent.log"])
-        assert len(files) <= G.RETURN_MAX_FILES and (out / G.MANIFEST).exists()
+        files = stage_call(state, out, k, extra_files=[src.parent / "absent.log"])
+        assert len(files) <= RETURN_MAX_FILES and (out / MANIFEST).exists()
         calls.append(out)
-    with pytest.raises(G.GpuTransferError, match="no chunks left"):
-        G.stage_call(state, tmp_path / "call3", 3)
+    with pytest.raises(GpuTransferError, match="no chunks left"):
+        stage_call(state, tmp_path / "call3", 3)
     back = tmp_path / "back.pth"
-    G.reassemble(list(reversed(calls)), back)  # any order of folders
+    reassemble(list(reversed(calls)), back)  # any order of folders
     assert back.read_bytes() == src.read_bytes()
 
 
 def test_a_real_size_pth_fits_the_return_limits(tmp_path):
     n = 135_701_231  # the packaged demo model
-    chunks = -(-n // G.CHUNK_SIZE)
-    assert G.CHUNK_SIZE <= G.RETURN_MAX_FILE and chunks == 9 and G.calls_needed(chunks) == 3
-    per_call = G.CHUNKS_PER_CALL * G.CHUNK_SIZE + 3 * (1 << 20)  # + manifest, eval.json, log tail (< 1 MiB each)
-    assert per_call <= G.RETURN_MAX_CALL and G.CHUNKS_PER_CALL + 3 <= G.RETURN_MAX_FILES
-    with pytest.raises(G.GpuTransferError, match="per-file return limit"):
-        G.split_file(_blob(tmp_path / "x", 10), tmp_path / "s", chunk_size=G.RETURN_MAX_FILE + 1)
+    chunks = -(-n // CHUNK_SIZE)
+    assert CHUNK_SIZE <= RETURN_MAX_FILE and chunks == 9 and calls_needed(chunks) == 3
+    per_call = CHUNKS_PER_CALL * CHUNK_SIZE + 3 * (1 << 20)  # + manifest, eval.json, log tail (< 1 MiB each)
+    assert per_call <= RETURN_MAX_CALL and CHUNKS_PER_CALL + 3 <= RETURN_MAX_FILES
+    with pytest.raises(GpuTransferError, match="per-file return limit"):
+        split_file(_blob(tmp_path / "x", 10), tmp_path / "s", chunk_size=RETURN_MAX_FILE + 1)
 
 
 def test_corrupt_or_missing_chunk_is_refused(tmp_path):
     src = _blob(tmp_path / "model.pth", 5000, seed=1)
     state = tmp_path / "state"
-    G.split_file(src, state, chunk_size=1000)
+    split_file(src, state, chunk_size=1000)
     bad = state / "model.pth.part002"
     data = bytearray(bad.read_bytes())
     data[10] ^= 0xFF  # same size, one bit pattern changed
     bad.write_bytes(bytes(data))
     out = tmp_path / "back.pth"
-    with pytest.raises(G.GpuTransferError, match=r"part002: corrupt chunk"):
-        G.reassemble([state], out)
+    with pytest.raises(GpuTransferError, match=r"part002: corrupt chunk"):
+        reassemble([state], out)
     assert not out.exists() and not (tmp_path / "back.pth.partial").exists()
     bad.unlink()
-    with pytest.raises(G.GpuTransferError, match="chunk model.pth.part002 missing"):
-        G.reassemble([state], out)
+    with pytest.raises(GpuTransferError, match="chunk model.pth.part002 missing"):
+        reassemble([state], out)
     assert not out.exists()
     other = tmp_path / "other"
-    G.split_file(_blob(tmp_path / "model.pth", 5000, seed=2), other, chunk_size=1000)
-    with pytest.raises(G.GpuTransferError, match="manifest of another file"):
-        G.reassemble([state, other], out)
+    split_file(_blob(tmp_path / "model.pth", 5000, seed=2), other, chunk_size=1000)
+    with pytest.raises(GpuTransferError, match="manifest of another file"):
+        reassemble([state, other], out)
 
 
 def _wheel(folder, name, version, requires=()):
@@ -88,19 +95,19 @@ def test_wheel_requirements_are_checked(tmp_path):
     _wheel(w, "rfdetr", "1.11.2", ["numpy", "transformers<6.0.0,>=5.1.0", "supervision>=0.29.0",
                                    "peft; extra == \"train\"", "pywin32; sys_platform == \"win32\""])
     _wheel(w, "supervision", "0.31.2", ["av>=14.2", "matplotlib>=3.6"])
-    assert G.wheel_metadata(w / "rfdetr-1.11.2-py3-none-any.whl")[:2] == ("rfdetr", "1.11.2")
+    assert wheel_metadata(w / "rfdetr-1.11.2-py3-none-any.whl")[:2] == ("rfdetr", "1.11.2")
     # here: preinstalled names count, versions unknown; extras and other platforms do not apply; av is never carried
-    assert G.check_wheels(w) == ["supervision-0.31.2-py3-none-any.whl needs matplotlib>=3.6: neither carried nor "
+    assert check_wheels(w) == ["supervision-0.31.2-py3-none-any.whl needs matplotlib>=3.6: neither carried nor "
                                  "installed"]
     _wheel(w, "matplotlib", "3.11.2")
-    assert G.check_wheels(w) == []
+    assert check_wheels(w) == []
     # there: the installed versions are checked against each wheel's Requires-Dist
-    problems = G.check_wheels(w, installed={"numpy": "2.1.0", "transformers": "4.57.0"})
+    problems = check_wheels(w, installed={"numpy": "2.1.0", "transformers": "4.57.0"})
     assert problems == ["rfdetr-1.11.2-py3-none-any.whl needs transformers<6.0.0,>=5.1.0: installed transformers "
                         "4.57.0 does not satisfy it (carry a wheel)"]
     _wheel(w, "supervision", "0.28.0")
     (w / "supervision-0.31.2-py3-none-any.whl").unlink()
-    assert any("carried supervision 0.28.0 does not satisfy" in p for p in G.check_wheels(w))
+    assert any("carried supervision 0.28.0 does not satisfy" in p for p in check_wheels(w))
 
 
 def test_wheels_to_install_skips_what_fits(tmp_path):
@@ -109,7 +116,7 @@ def test_wheels_to_install_skips_what_fits(tmp_path):
     _wheel(w, "rfdetr", "1.11.2", ["pydantic<3,>=2.0"])
     _wheel(w, "pydantic", "2.11.10")
     _wheel(w, "matplotlib", "3.11.2")
-    picked = {p.name.split("-")[0] for p in G.wheels_to_install(w, {"pydantic": "1.10.0", "matplotlib": "3.9.0"})}
+    picked = {p.name.split("-")[0] for p in wheels_to_install(w, {"pydantic": "1.10.0", "matplotlib": "3.9.0"})}
     assert picked == {"rfdetr", "pydantic"}  # pydantic 1 does not fit rfdetr's <3,>=2; matplotlib 3.9 is kept
 
 
@@ -118,10 +125,10 @@ def test_requirement_closure_walks_requires_dist():
             "matplotlib": ["pyparsing>=3", "numpy"], "pyparsing": [], "numpy": []}
     versions = {"rfdetr": "1.11.2", "supervision": "0.31.2", "matplotlib": "3.11.2", "pyparsing": "3.3.3",
                 "numpy": "2.2.6"}
-    plan = G.requirement_closure(["rfdetr"], requires=reqs.get, version=versions.get)
+    plan = requirement_closure(["rfdetr"], requires=reqs.get, version=versions.get)
     assert plan == [("matplotlib", "3.11.2"), ("pyparsing", "3.3.3"), ("rfdetr", "1.11.2"), ("supervision", "0.31.2")]
     # the real environment: rfdetr's training set without the machine's preinstalled packages or torch's own build
-    real = dict(G.requirement_closure(G.ROOTS))
+    real = dict(requirement_closure(ROOTS))
     assert {"rfdetr", "pycocotools", "faster-coco-eval", "supervision", "pydantic"} <= set(real)
     assert not {"torch", "torchvision", "numpy", "transformers", "av", "opencv-python", "roboflow"} & set(real)
 
@@ -147,37 +154,37 @@ def test_transfer_size_and_untrack_restore(tmp_path):
     (repo / "build").mkdir()
     _blob(repo / "build" / "big.bin", 2 << 20)  # ignored: stays unless carried
     _blob(repo / "wheels.whl", 1 << 20)
-    total = G.check_transfer(repo)
-    assert total == sum(s for _, s in G.transfer_files(repo)) and total > 4 << 20  # model + wheels.whl + text
-    assert G.check_transfer(repo, carry=["build"]) == total + (2 << 20)
-    with pytest.raises(G.GpuTransferError, match=r"over the 4 MiB limit; largest: data/models/nails_seg_preview.pth"):
-        G.check_transfer(repo, limit=4 << 20)
+    total = check_transfer(repo)
+    assert total == sum(s for _, s in transfer_files(repo)) and total > 4 << 20  # model + wheels.whl + text
+    assert check_transfer(repo, carry=["build"]) == total + (2 << 20)
+    with pytest.raises(GpuTransferError, match=r"over the 4 MiB limit; largest: data/models/nails_seg_preview.pth"):
+        check_transfer(repo, limit=4 << 20)
     (repo / "data" / "models" / "nails_seg_preview.pth").write_bytes(b"changed, not staged")  # someone's edit
     before = subprocess.run(["git", "-C", str(repo), "ls-files", "-s"], capture_output=True, text=True).stdout
-    with G.untracked_for_call(repo) as entries:
-        assert [e["path"] for e in entries] == [G.TRACKED_MODEL]
+    with untracked_for_call(repo) as entries:
+        assert [e["path"] for e in entries] == [TRACKED_MODEL]
         # neither tracked nor un-ignored, despite .gitignore's !data/models/*.pth (info/exclude would lose to it)
-        assert G.TRACKED_MODEL not in [p for p, _ in G.transfer_files(repo)]
-        run("check-ignore", "-q", G.TRACKED_MODEL)
-        assert "data/models/.gitignore" not in [p for p, _ in G.transfer_files(repo)]  # ignores itself
-        assert G.check_transfer(repo, limit=2 << 20) < 2 << 20
-        with pytest.raises(G.GpuTransferError, match="not restored"):
-            G.untrack(repo)
+        assert TRACKED_MODEL not in [p for p, _ in transfer_files(repo)]
+        run("check-ignore", "-q", TRACKED_MODEL)
+        assert "data/models/.gitignore" not in [p for p, _ in transfer_files(repo)]  # ignores itself
+        assert check_transfer(repo, limit=2 << 20) < 2 << 20
+        with pytest.raises(GpuTransferError, match="not restored"):
+            untrack(repo)
     after = subprocess.run(["git", "-C", str(repo), "ls-files", "-s"], capture_output=True, text=True).stdout
     assert after == before  # the exact index entry, not the changed file
     assert not (repo / "data" / "models" / ".gitignore").exists()  # the call's own .gitignore is gone again
     assert (repo / "data" / "models" / "nails_seg_preview.pth").read_bytes() == b"changed, not staged"
-    assert G.restore(repo) == []  # nothing pending
+    assert restore(repo) == []  # nothing pending
 
 
 def test_gpu_train_script_is_wired():
-    script = (G.Path(__file__).resolve().parents[1] / "tools" / "gpu_train.sh")
+    script = (Path(__file__).resolve().parents[1] / "tools" / "gpu_train.sh")
     text = script.read_text()
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for needed in ("install-wheels", "machine-train", "stage", "--call 0", "send"):
         assert needed in text
-    help_text = subprocess.run([G.sys.executable, "-m", "nailkit.train.gpu", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "nailkit.train.gpu", "--help"], capture_output=True,
                                text=True).stdout
     assert all(c in help_text for c in ("wheels", "check-transfer", "untrack", "restore", "assemble", "stage"))
-    assert json.loads(json.dumps(list(G.ROOTS)))  # plain data
+    assert json.loads(json.dumps(list(ROOTS)))  # plain data

@@ -73,7 +73,9 @@ def test_prediction_quality_matching():
 
 def test_split_boundary_quality_oracle_runner_matches_the_upsampling_ceiling(tmp_path):
     """A runner whose ¼-res mask logits are made from the ground truth scores what the upsampling alone scores."""
-    from nailkit.data.dataset import instance_masks, load_split, make_split
+    from nailkit.data.coco_export import load_split
+    from nailkit.data.coco_masks import instance_masks
+    from nailkit.data.synthetic_dataset import make_split
     from nailkit.portable.postprocess import RawOutputs
 
     make_split(tmp_path, "test", 4, seed=3)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _probes import write_probe_model
-from nailkit.gpu import delegate as gpu
+from nailkit.gpu.op_check import op_check
 from nailkit.tflite import metadata as tm
 
 
@@ -59,7 +59,7 @@ def test_model_runs_identically_and_ops_unchanged(model, tmp_path, cpu_run):
     out = tm.embed_metadata(model, _doc(), tmp_path / "with_md.tflite")
     x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
     np.testing.assert_array_equal(cpu_run(out, x), cpu_run(model, x))
-    assert gpu.op_check(out).histogram == gpu.op_check(model).histogram
+    assert op_check(out).histogram == op_check(model).histogram
 
 
 def test_re_embedding_replaces_not_duplicates(model):

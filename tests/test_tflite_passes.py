@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from _probes import write_probe_model
-from nailkit.gpu import delegate as gpu
+from nailkit.gpu.op_check import op_check
 from nailkit.tflite import passes as tflite_passes
 from nailkit.tflite.flatbuffer import pack_model
 
@@ -25,7 +25,7 @@ def test_lift_keeps_values_and_clears_the_pattern(probe, tmp_path, cpu_run):
     assert tflite_passes.lift_constant_binary_ops(probe, out) == 1
     assert tflite_passes.risky_constant_binary_ops(out) == []
     np.testing.assert_array_equal(cpu_run(out, x), before)
-    assert gpu.op_check(out).histogram == {"RESHAPE": 2, "ADD": 1}
+    assert op_check(out).histogram == {"RESHAPE": 2, "ADD": 1}
     assert tflite_passes.lift_constant_binary_ops(out) == 0  # idempotent: nothing left to lift
 
 

@@ -10,14 +10,19 @@ import json
 import os
 import pickle
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-from nailkit.data import dataset as D
-from nailkit.model.checkpoint import CheckpointError, inspect_checkpoint, load_checkpoint
-from nailkit.train.demo import (TRAINING_FILE_GLOBALS, _latest_ckpt, load_training_file, make_callbacks,
-                           plot_recipe_study, recipe_study, recipe_table_markdown, steps_per_epoch, train_demo)
+from nailkit.data import synthetic_dataset as D
+from nailkit.model.checkpoint_loading import CheckpointError, load_checkpoint
+from nailkit.model.checkpoint_report import inspect_checkpoint
+from nailkit.train.callbacks import make_callbacks
+from nailkit.train.card import write_recipe_study
+from nailkit.train.demo import steps_per_epoch, train_demo
+from nailkit.train.study import plot_recipe_study, recipe_study, recipe_table_markdown
+from nailkit.train.training_files import TRAINING_FILE_GLOBALS, _latest_ckpt, load_training_file
 
 
 @pytest.mark.slow
@@ -292,10 +297,6 @@ def test_recipe_study_table_and_plot(tmp_path):
     png = plot_recipe_study(study, tmp_path / "study.png")
     assert png.stat().st_size > 1000
     # into a model card: .card.json gets recipe_study, the .md its section (rendered from the JSON)
-    from pathlib import Path
-
-    from nailkit.train.demo import write_recipe_study
-
     shipped = Path(__file__).resolve().parents[1] / "data" / "models" / "nails_seg_preview.card.json"
     card_json = tmp_path / "m.card.json"
     card_json.write_text(shipped.read_text())
@@ -304,3 +305,21 @@ def test_recipe_study_table_and_plot(tmp_path):
     md = (tmp_path / "m.md").read_text()
     assert "## Recipe study" in md and "| decay off | 20 |" in md and "too short to tell" in md
     assert md.index("## Recipe study") > md.index("## Metrics")
+
+
+def test_recipe_plot_three_panels_and_one_table_row_per_validation(tmp_path):
+    """A study as recipe_study returns it (two runs, one validation without a logged loss): the plot (mAP50 against
+    steps and CPU minutes, loss against steps) is written, and the table has a row for every validation."""
+    def row(step, mask, box, loss):
+        return {"step": step, "cpu_min": step / 10, "wall_min": step / 20, "mask_map50": mask, "box_map50": box,
+                "loss": loss}
+
+    study = {"rfdetr defaults": {"timeline": [row(10, 0.01, 0.02, 30.5), row(20, 0.05, 0.08, None),
+                                              row(30, 0.09, 0.12, 24.0)]},
+             "decay off": {"timeline": [row(10, None, 0.03, 29.0), row(20, 0.11, 0.15, 22.5)]}}
+    png = plot_recipe_study(study, tmp_path / "plots" / "study.png")
+    assert png == tmp_path / "plots" / "study.png" and png.stat().st_size > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = recipe_table_markdown(study).splitlines()
+    assert len(table) == 2 + 5  # header, separator, one row per validation
+    assert table[3].startswith("| rfdetr defaults | 20 |") and table[3].endswith("| – |")  # no loss: a dash

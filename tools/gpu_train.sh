@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train the demo nail model on a lent GPU machine (issue 17). Runs THERE, from the repo root, through the device
-# tool's `run`; everything it returns is under $OUT. Helper: nailkit/train/gpu.py (its docstring has the whole flow).
+# tool's `run`; everything it returns is under $OUT. Helper: nailkit/train/gpu/ (python -m nailkit.train.gpu; its
+# __init__.py docstring has the whole flow).
 #
 # Here, before (once):
 #   .venv/bin/python -m nailkit.train.gpu wheels --download      # .gpu_wheels/ (ignored), Requires-Dist checked

@@ -14,6 +14,7 @@ names that the dataset also has, the names decide.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -25,7 +26,8 @@ import numpy as np
 
 from nailkit.core.errors import NailkitError
 from nailkit.core.outdir import check_path
-from nailkit.data.dataset import CocoSplit, DatasetError, instance_masks, load_split
+from nailkit.data.coco_export import CocoSplit, DatasetError, load_split
+from nailkit.data.coco_masks import instance_masks
 from nailkit.export.onnx import ensure_onnx
 from nailkit.portable.preprocess import load_image
 from nailkit.runtime.runners import make_runner
@@ -157,19 +159,10 @@ def evaluate(model: Any, dataset_dir: str | os.PathLike[str], *, split: str = "t
         images = images[: int(max_images)]
     own = runner is None
     run = runner or make_runner(model, backend=backend, threads=threads, resolution=resolution, trusted=trusted)
-    import inspect
-
     crop_ok = "mask_format" in inspect.signature(run.predict).parameters
     try:
         mapping = label_to_category(data.coco, run.class_names)
-        ids = {im["id"] for im in images}
-        gt = {"images": images, "categories": data.coco["categories"],
-              # ids renumbered from 1: COCOeval takes a match with annotation id 0 for "unmatched" (it tests dtm > 0),
-              # and Roboflow exports number annotations from 0.
-              "annotations": [dict(a, id=n, iscrowd=a.get("iscrowd", 0),
-                                   area=a.get("area", a["bbox"][2] * a["bbox"][3]))
-                              for n, a in enumerate((a for a in data.coco["annotations"] if a["image_id"] in ids),
-                                                    start=1)]}
+        gt = _ground_truth(data, images)
         box_dets: list[dict[str, Any]] = []
         seg_dets: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
@@ -179,48 +172,7 @@ def evaluate(model: Any, dataset_dir: str | os.PathLike[str], *, split: str = "t
 
             it = tqdm(images, desc=f"evaluate {run.name}", unit="img")
         for im in it:
-            path = data.image_path(im)
-            try:
-                rgb = load_image(path)
-            except Exception as exc:  # noqa: BLE001 - unreadable image: name it
-                raise DatasetError(f"{path}: cannot read image named in {data.annotation_file} ({exc})") from None
-            if rgb.shape[:2] != (im["height"], im["width"]):
-                raise DatasetError(f"{data.annotation_file}: image {im['file_name']} is {rgb.shape[1]}x{rgb.shape[0]}"
-                                   f" but the annotation says {im['width']}x{im['height']}")
-            # cropped masks: memory follows the masks, not 100 detections × the photo's size
-            pred = (run.predict(rgb, threshold=0.0, num_select=MAX_DETS, mask_format="crop") if crop_ok
-                    else run.predict(rgb, threshold=0.0, num_select=MAX_DETS))
-            del rgb
-            cats = np.array([mapping.get(int(c), -1) for c in pred.class_id])
-            valid = cats >= 0
-            pred = pred.subset(valid)
-            cats = cats[valid]
-            h, w = int(im["height"]), int(im["width"])
-            gtm = instance_masks(data, im)
-            g_area = gtm.sum((1, 2)).astype(np.float64)
-            kept = pred.confidence >= threshold
-            iou_cols = []
-            for i, (b, s, c) in enumerate(zip(pred.xyxy, pred.confidence, cats)):
-                crop = pred.crop(i)  # one detection's mask at a time
-                x0, y0, x1, y1 = (float(v) for v in b)
-                box_dets.append({"image_id": im["id"], "category_id": int(c), "score": float(s),
-                                 "bbox": [x0, y0, x1 - x0, y1 - y0]})
-                seg_dets.append({"image_id": im["id"], "category_id": int(c), "score": float(s),
-                                 "segmentation": _rle_crop(crop, h, w)})
-                if kept[i] and len(gtm):
-                    iou_cols.append(_crop_iou(gtm, [crop], g_area)[:, 0])
-                del crop
-            if iou_cols:
-                matched, fp = _greedy_match(np.stack(iou_cols, 1), np.argsort(-pred.confidence[kept], kind="stable"))
-            else:
-                matched, fp = 0, int(kept.sum())
-            n_gt = len(gtm)
-            del gtm
-            rows.append({"file_name": im["file_name"], "instances": int(n_gt), "matched": matched,
-                         "false_positives": fp,
-                         "detections": int((pred.confidence >= threshold).sum()),
-                         "max_score": float(pred.confidence.max()) if len(pred) else 0.0,
-                         "forward_ms": round(float(run.last_ms), 2)})
+            rows.append(_score_image(run, data, im, mapping, threshold, crop_ok, box_dets, seg_dets))
         box = _coco_eval(gt, box_dets, "bbox")
         seg = _coco_eval(gt, seg_dets, "segm")
         n_inst = sum(r["instances"] for r in rows)
@@ -235,6 +187,66 @@ def evaluate(model: Any, dataset_dir: str | os.PathLike[str], *, split: str = "t
     finally:
         if own:
             run.close()
+
+
+def _ground_truth(data: CocoSplit, images: list[dict[str, Any]]) -> dict[str, Any]:
+    """The COCO ground truth of ``images`` for ``COCOeval``: their annotations, crowd flag and area filled in."""
+    ids = {im["id"] for im in images}
+    return {"images": images, "categories": data.coco["categories"],
+            # ids renumbered from 1: COCOeval takes a match with annotation id 0 for "unmatched" (it tests dtm > 0),
+            # and Roboflow exports number annotations from 0.
+            "annotations": [dict(a, id=n, iscrowd=a.get("iscrowd", 0),
+                                 area=a.get("area", a["bbox"][2] * a["bbox"][3]))
+                            for n, a in enumerate((a for a in data.coco["annotations"] if a["image_id"] in ids),
+                                                  start=1)]}
+
+
+def _score_image(run: Any, data: CocoSplit, im: dict[str, Any], mapping: dict[int, int], threshold: float,
+                 crop_ok: bool, box_dets: list[dict[str, Any]], seg_dets: list[dict[str, Any]]) -> dict[str, Any]:
+    """One image: its detections (every score, at most ``MAX_DETS``) appended to ``box_dets`` / ``seg_dets`` for
+    COCOeval, and its row (instances, matched / false positives at ``threshold``, forward time) returned."""
+    path = data.image_path(im)
+    try:
+        rgb = load_image(path)
+    except Exception as exc:  # noqa: BLE001 - unreadable image: name it
+        raise DatasetError(f"{path}: cannot read image named in {data.annotation_file} ({exc})") from None
+    if rgb.shape[:2] != (im["height"], im["width"]):
+        raise DatasetError(f"{data.annotation_file}: image {im['file_name']} is {rgb.shape[1]}x{rgb.shape[0]}"
+                           f" but the annotation says {im['width']}x{im['height']}")
+    # cropped masks: memory follows the masks, not 100 detections × the photo's size
+    pred = (run.predict(rgb, threshold=0.0, num_select=MAX_DETS, mask_format="crop") if crop_ok
+            else run.predict(rgb, threshold=0.0, num_select=MAX_DETS))
+    del rgb
+    cats = np.array([mapping.get(int(c), -1) for c in pred.class_id])
+    valid = cats >= 0
+    pred = pred.subset(valid)
+    cats = cats[valid]
+    h, w = int(im["height"]), int(im["width"])
+    gtm = instance_masks(data, im)
+    g_area = gtm.sum((1, 2)).astype(np.float64)
+    kept = pred.confidence >= threshold
+    iou_cols = []
+    for i, (b, s, c) in enumerate(zip(pred.xyxy, pred.confidence, cats)):
+        crop = pred.crop(i)  # one detection's mask at a time
+        x0, y0, x1, y1 = (float(v) for v in b)
+        box_dets.append({"image_id": im["id"], "category_id": int(c), "score": float(s),
+                         "bbox": [x0, y0, x1 - x0, y1 - y0]})
+        seg_dets.append({"image_id": im["id"], "category_id": int(c), "score": float(s),
+                         "segmentation": _rle_crop(crop, h, w)})
+        if kept[i] and len(gtm):
+            iou_cols.append(_crop_iou(gtm, [crop], g_area)[:, 0])
+        del crop
+    if iou_cols:
+        matched, fp = _greedy_match(np.stack(iou_cols, 1), np.argsort(-pred.confidence[kept], kind="stable"))
+    else:
+        matched, fp = 0, int(kept.sum())
+    n_gt = len(gtm)
+    del gtm
+    return {"file_name": im["file_name"], "instances": int(n_gt), "matched": matched,
+            "false_positives": fp,
+            "detections": int((pred.confidence >= threshold).sum()),
+            "max_score": float(pred.confidence.max()) if len(pred) else 0.0,
+            "forward_ms": round(float(run.last_ms), 2)}
 
 
 def negatives_max_score(model: Any, images: Sequence[str | os.PathLike[str]], *, backend: Optional[str] = None,

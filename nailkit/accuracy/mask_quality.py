@@ -17,7 +17,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from nailkit.data.dataset import instance_masks, load_split
+from nailkit.data.coco_export import load_split
+from nailkit.data.coco_masks import instance_masks
 from nailkit.portable.postprocess import guided_refine, postprocess
 from nailkit.portable.preprocess import bilinear_resize
 from nailkit.verify.parity import mask_iou
@@ -182,7 +183,7 @@ def split_boundary_quality(dataset_dir: str | Any, runner: Any = None, *, split:
                            max_images: Optional[int] = None, threshold: float = 0.2,
                            methods: Sequence[str] = ("nearest", "bilinear", "guided"),
                            dilation_ratio: float = 0.02) -> dict[str, Any]:
-    """Boundary quality on a labelled COCO split (``nailkit.data.dataset``), two ways:
+    """Boundary quality on a labelled COCO split (``nailkit.data.coco_export``), two ways:
 
     * ``"upsampling"``: ``upsampling_quality`` over every ground-truth nail — what each upsampling rule alone loses
       from a perfect ¼-resolution mask (model-independent: the ceiling of the post-processing);

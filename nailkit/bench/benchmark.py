@@ -175,6 +175,31 @@ def run_benchmark(specs: Sequence[BackendSpec], images: Sequence[Any], *, thread
     import torch
 
     log = log or (lambda _line: None)
+    specs, threads, ref_spec = _checked_request(specs, threads, images, reference_resolution)
+    by_name = {s.name: s for s in specs}
+
+    machine = machine_info()
+    torch_threads_before = torch.get_num_threads()
+    flops = _count_flops(specs, ref_spec, log)
+    inputs = _preprocessed_inputs(specs, images)
+    runners = _open_backends(specs, threads[0], log)
+    drift = _drift(specs, runners, inputs, ref_spec)
+    latency = _latency_passes(specs, runners, inputs, threads, runs=runs, warmup=warmup, log=log)
+    del runners
+    torch.set_num_threads(torch_threads_before)
+    memory = _fresh_process_memory(specs, measure_memory, threads[0], log)
+    res = BenchResult(machine=machine, specs=by_name, latency=latency, flops=flops, memory=memory,
+                      drift=drift, reference_ort=reference_ort, reference_torch=reference_torch)
+    if ceilings:
+        log("XNNPACK GEMM ceilings (fp32, dynamic int8, int8) ...")
+        res.ceilings, res.extra["gemm_probes"] = measure_ceilings(threads)
+    return res
+
+
+def _checked_request(specs: Sequence[BackendSpec], threads: Sequence[int], images: Sequence[Any],
+                     reference_resolution: Optional[int]) -> tuple[list[BackendSpec], list[int], BackendSpec]:
+    """``run_benchmark``'s arguments checked: the specs (unique names), the thread counts (positive ints) and the
+    PyTorch eager spec every other backend's drift is measured against."""
     specs = list(specs)
     if not specs:
         raise ValueError("run_benchmark: no backends")
@@ -186,15 +211,16 @@ def run_benchmark(specs: Sequence[BackendSpec], images: Sequence[Any], *, thread
         raise ValueError(f"thread counts must be positive integers; got {threads}")
     if not images:
         raise ValueError("run_benchmark needs at least one image")
-    by_name = {s.name: s for s in specs}
     ref_spec = next((s for s in specs if s.kind == "torch" and s.segmentation and
                      (reference_resolution is None or s.resolution == reference_resolution)), None)
     if ref_spec is None:
         raise ValueError("run_benchmark needs a PyTorch eager (kind='torch', segmentation) backend as the reference")
+    return specs, threads, ref_spec
 
-    machine = machine_info()
-    torch_threads_before = torch.get_num_threads()
-    # --- FLOPs per (resolution, head, export options)
+
+def _count_flops(specs: list[BackendSpec], ref_spec: BackendSpec, log: Callable[[str], None]
+                 ) -> dict[int | str, dict[str, Any]]:
+    """FLOPs once per (resolution, head, export options) among ``specs``."""
     flops: dict[int | str, dict[str, Any]] = {}
     for s in specs:
         key = _spec_flop_key(s)
@@ -202,51 +228,72 @@ def run_benchmark(specs: Sequence[BackendSpec], images: Sequence[Any], *, thread
             log(f"FLOPs at {s.resolution}{'' if s.segmentation else ' (detection-only)'} {spec_options(s) or ''}...")
             mod = torch_export_module(ref_spec.path, s.resolution, s.segmentation, **spec_options(s))
             flops[key] = count_flops(mod, s.resolution).summary()
+    return flops
 
-    # --- inputs per resolution
+
+def _preprocessed_inputs(specs: list[BackendSpec], images: Sequence[Any]
+                         ) -> dict[int, list[tuple[np.ndarray, tuple[int, int]]]]:
+    """Every image preprocessed once per resolution among ``specs``: (input tensor, original size) pairs."""
     inputs: dict[int, list[tuple[np.ndarray, tuple[int, int]]]] = {}
     for s in specs:
         if s.resolution not in inputs:
             inputs[s.resolution] = [preprocess(im, s.resolution) for im in images]
+    return inputs
 
-    # --- drift (one load at 1 thread, also checks every backend runs and gives finite outputs)
-    drift: dict[str, dict[str, Any]] = {}
+
+def _open_backends(specs: list[BackendSpec], threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every backend loaded once at ``threads`` (the first thread count), by name."""
     runners: dict[str, Any] = {}
     for s in specs:
         log(f"load + accuracy drift: {s.name} ...")
-        runners[s.name] = open_backend(s, threads[0])
+        runners[s.name] = open_backend(s, threads)
+    return runners
+
+
+def _drift(specs: list[BackendSpec], runners: dict[str, Any],
+           inputs: dict[int, list[tuple[np.ndarray, tuple[int, int]]]], ref_spec: BackendSpec
+           ) -> dict[str, dict[str, Any]]:
+    """Each backend's accuracy drift against ``ref_spec`` on every image; also checks that every backend runs and
+    gives finite outputs."""
     ref_raws = [runners[ref_spec.name].run(x) for x, _ in inputs[ref_spec.resolution]]
     sizes = [sz for _, sz in inputs[ref_spec.resolution]]
+    drift: dict[str, dict[str, Any]] = {}
     for s in specs:
         raws = [runners[s.name].run(x) for x, _ in inputs[s.resolution]]
         for raw in raws:
             _check_finite(s.name, raw)
         drift[s.name] = drift_summary(ref_raws, raws, sizes)
+    return drift
 
-    # --- interleaved latency, per thread count
+
+def _latency_passes(specs: list[BackendSpec], runners: dict[str, Any],
+                    inputs: dict[int, list[tuple[np.ndarray, tuple[int, int]]]], threads: list[int], *, runs: int,
+                    warmup: int, log: Callable[[str], None]) -> dict[int, dict[str, dict[str, float]]]:
+    """Interleaved latency, one pass per thread count; ``runners`` is updated in place to each pass's thread count
+    (ORT/TFLite runners are reopened), timed on the first image."""
+    names = [s.name for s in specs]
+    by_name = {s.name: s for s in specs}
     latency: dict[int, dict[str, dict[str, float]]] = {}
     for t in threads:
-        runners = {s.name: set_threads(runners[s.name], s, t) for s in specs}
+        runners.update({s.name: set_threads(runners[s.name], s, t) for s in specs})
         fns = {n: _bound(runners[n], inputs[by_name[n].resolution][0][0], t) for n in names}
         log(f"latency at {t} thread(s): {len(names)} backends × {runs} interleaved rounds ...")
         latency[t] = {n: st.summary() for n, st in interleaved_latency(fns, runs=runs, warmup=warmup).items()}
         del fns
-    del runners
-    torch.set_num_threads(torch_threads_before)
+    return latency
 
-    # --- fresh-process load time + peak RSS
+
+def _fresh_process_memory(specs: list[BackendSpec], measure_memory: bool | Sequence[str], threads: int,
+                          log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Load time and peak RSS of each chosen backend (all when ``measure_memory`` is True, those named otherwise,
+    none when falsy), each in a fresh process."""
     memory: dict[str, dict[str, Any]] = {}
     if measure_memory:
         chosen = specs if measure_memory is True else [s for s in specs if s.name in set(measure_memory)]
         for s in chosen:
             log(f"fresh process (load time, peak RSS): {s.name} ...")
-            memory[s.name] = measure_in_fresh_process(s, threads=threads[0], runs=2)
-    res = BenchResult(machine=machine, specs=by_name, latency=latency, flops=flops, memory=memory,
-                      drift=drift, reference_ort=reference_ort, reference_torch=reference_torch)
-    if ceilings:
-        log("XNNPACK GEMM ceilings (fp32, dynamic int8, int8) ...")
-        res.ceilings, res.extra["gemm_probes"] = measure_ceilings(threads)
-    return res
+            memory[s.name] = measure_in_fresh_process(s, threads=threads, runs=2)
+    return memory
 
 
 def _bound(runner, x: np.ndarray, threads: int) -> Callable[[], Any]:

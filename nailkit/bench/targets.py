@@ -24,10 +24,15 @@ def speed_targets(res: BenchResult, coverage: Mapping[str, Mapping[str, Any]], *
     ``tflite.delegation_report`` per backend name)."""
     rows = res.rows(threads)
     by = {r["backend"]: r for r in rows}
-    out: list[dict[str, Any]] = []
     ceil = res.ceilings.get(threads, {})
+    return (_delegation_targets(coverage, by) + _int8_targets(res, rows, ceil, cpu) + _fp32_target(res, rows, by)
+            + _mask_query_targets(res, rows, by))
 
-    # 1. delegation, per fp32 file
+
+def _delegation_targets(coverage: Mapping[str, Mapping[str, Any]], by: Mapping[str, dict[str, Any]]
+                        ) -> list[dict[str, Any]]:
+    """Target 1: XNNPACK delegation, one row per fp32 file of this run."""
+    out = []
     for name, rep in coverage.items():
         r = by.get(name)
         if r is None or r["precision"] != "fp32" or r.get("mask_queries"):
@@ -39,61 +44,79 @@ def speed_targets(res: BenchResult, coverage: Mapping[str, Mapping[str, Any]], *
                                 f"partitions",
                     "met": bool(frac >= 0.99 and parts is not None and parts <= 3),
                     "why": f"off XNNPACK: {left}" if left else ""})
+    return out
 
-    # 2./3. int8
+
+def _int8_targets(res: BenchResult, rows: list[dict[str, Any]], ceil: Mapping[str, float],
+                  cpu: Optional[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Targets 2 and 3: the best int8 TFLite against ORT fp32 and against this CPU's int8 GEMM ceiling."""
     int8 = [r for r in rows if r["kind"] == "tflite" and r["ceiling"] in ("dynamic_int8", "int8")
             and r.get("x_ort_fp32") is not None and r["resolution"] == res.specs[res.reference_ort].resolution]
     best = min(int8, key=lambda r: r["x_ort_fp32"]) if int8 else None
     dot = list((cpu or {}).get("int8_dot") or [])
     gain = (ceil.get("dynamic_int8", 0) / ceil["fp32"]) if ceil.get("fp32") else None
     if best is None:
-        out.append({"target": "best int8 TFLite ≤ 0.45× ORT fp32 (int8-dot CPU), mask mAP within 1 pt",
-                    "measured": "no int8 file in this run", "met": None, "why": ""})
-    else:
-        out.append({"target": "best int8 TFLite ≤ 0.45× ORT fp32 (int8-dot CPU), mask mAP within 1 pt (07)",
-                    "measured": f"{best['backend']}: {best['x_ort_fp32']:.2f}× ORT fp32; CPU int8 dot: "
-                                f"{'+'.join(dot) or 'none'}",
-                    "met": bool(best["x_ort_fp32"] <= 0.45) if dot else None,
-                    "why": (f"the dynamic-int8 GEMM ceiling is {gain:.2f}× the fp32 one on this CPU; only the "
-                            f"linears/convs (GEMM) get it, the rest of the graph stays fp32" if gain else "")})
-        cf = best.get("ceiling_fraction")
-        out.append({"target": "best int8 file ≥ 70% of this CPU's int8 GEMM ceiling",
-                    "measured": (f"{best['backend']}: {cf:.0%} of the {best['ceiling']} ceiling "
-                                 f"({ceil.get(best['ceiling'], float('nan')):.0f} GFLOP/s)") if cf else "no ceiling",
-                    "met": bool(cf >= 0.70) if cf else None,
-                    "why": ("static selective int8 runs only the backbone's linears/convs on int8 kernels; the "
-                            "decoder, heads, attention matmuls, layer norms, softmax, GELU and mask upsampling stay "
-                            "fp32, with QUANTIZE/DEQUANTIZE at every boundary"
-                            if best["precision"] in STATIC_INT8 else
-                            "dynamic-range int8 quantises activations at run time per op and runs every non-GEMM op "
-                            "(softmax, layer norm, GELU, sampling, mask upsampling) in fp32")})
+        return [{"target": "best int8 TFLite ≤ 0.45× ORT fp32 (int8-dot CPU), mask mAP within 1 pt",
+                 "measured": "no int8 file in this run", "met": None, "why": ""}]
+    cf = best.get("ceiling_fraction")
+    return [{"target": "best int8 TFLite ≤ 0.45× ORT fp32 (int8-dot CPU), mask mAP within 1 pt (07)",
+             "measured": f"{best['backend']}: {best['x_ort_fp32']:.2f}× ORT fp32; CPU int8 dot: "
+                         f"{'+'.join(dot) or 'none'}",
+             "met": bool(best["x_ort_fp32"] <= 0.45) if dot else None,
+             "why": (f"the dynamic-int8 GEMM ceiling is {gain:.2f}× the fp32 one on this CPU; only the "
+                     f"linears/convs (GEMM) get it, the rest of the graph stays fp32" if gain else "")},
+            {"target": "best int8 file ≥ 70% of this CPU's int8 GEMM ceiling",
+             "measured": (f"{best['backend']}: {cf:.0%} of the {best['ceiling']} ceiling "
+                          f"({ceil.get(best['ceiling'], float('nan')):.0f} GFLOP/s)") if cf else "no ceiling",
+             "met": bool(cf >= 0.70) if cf else None,
+             "why": ("static selective int8 runs only the backbone's linears/convs on int8 kernels; the "
+                     "decoder, heads, attention matmuls, layer norms, softmax, GELU and mask upsampling stay "
+                     "fp32, with QUANTIZE/DEQUANTIZE at every boundary"
+                     if best["precision"] in STATIC_INT8 else
+                     "dynamic-range int8 quantises activations at run time per op and runs every non-GEMM op "
+                     "(softmax, layer norm, GELU, sampling, mask upsampling) in fp32")}]
 
-    # 4. fp32 TFLite vs ORT
+
+def _fp32_target(res: BenchResult, rows: list[dict[str, Any]], by: Mapping[str, dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """Target 4: the best fp32 TFLite against ORT fp32 (no row when this run has no fp32 TFLite)."""
     fp32 = [r for r in rows if r["kind"] == "tflite" and r["precision"] == "fp32" and not r.get("mask_queries")
             and r.get("x_ort_fp32") is not None and r["resolution"] == res.specs[res.reference_ort].resolution]
-    if fp32:
-        b = min(fp32, key=lambda r: r["x_ort_fp32"])
-        ort = by.get(res.reference_ort, {})
-        out.append({"target": "fp32 TFLite ≤ 0.95× ORT fp32 (fp32 gates unchanged)",
-                    "measured": f"{b['backend']}: {b['x_ort_fp32']:.2f}× ORT fp32 "
-                                f"({b['ceiling_fraction']:.0%} of the fp32 ceiling)" if b.get("ceiling_fraction")
-                    else f"{b['backend']}: {b['x_ort_fp32']:.2f}×",
-                    "met": bool(b["x_ort_fp32"] <= 0.95),
-                    "why": (f"ORT fp32 already runs at {ort['ceiling_fraction']:.0%} of the fp32 GEMM ceiling: "
-                            f"at most {1 / ort['ceiling_fraction']:.2f}× is left for any fp32 backend"
-                            if ort.get("ceiling_fraction") else "")})
+    if not fp32:
+        return []
+    b = min(fp32, key=lambda r: r["x_ort_fp32"])
+    ort = by.get(res.reference_ort, {})
+    return [{"target": "fp32 TFLite ≤ 0.95× ORT fp32 (fp32 gates unchanged)",
+             "measured": f"{b['backend']}: {b['x_ort_fp32']:.2f}× ORT fp32 "
+                         f"({b['ceiling_fraction']:.0%} of the fp32 ceiling)" if b.get("ceiling_fraction")
+             else f"{b['backend']}: {b['x_ort_fp32']:.2f}×",
+             "met": bool(b["x_ort_fp32"] <= 0.95),
+             "why": (f"ORT fp32 already runs at {ort['ceiling_fraction']:.0%} of the fp32 GEMM ceiling: "
+                     f"at most {1 / ort['ceiling_fraction']:.2f}× is left for any fp32 backend"
+                     if ort.get("ceiling_fraction") else "")}]
 
-    # 5. mask queries
+
+def _full_model_row_name(res: BenchResult, rows: list[dict[str, Any]], r: Mapping[str, Any]) -> Optional[str]:
+    """The backend that runs ``r``'s model with every query's mask: the reference torch / ORT row, or the fp32
+    TFLite of the same route, sampling and resolution."""
+    full_name = {"torch": res.reference_torch, "onnxruntime": res.reference_ort}.get(r["kind"])
+    if r["kind"] == "tflite":
+        full_name = next((x["backend"] for x in rows if x["kind"] == "tflite" and x["route"] == r["route"]
+                          and x["precision"] == "fp32" and not x.get("mask_queries")
+                          and x.get("sampling", "grid") == r.get("sampling", "grid")
+                          and x["resolution"] == r["resolution"]), None)
+    return full_name
+
+
+def _mask_query_targets(res: BenchResult, rows: list[dict[str, Any]], by: Mapping[str, dict[str, Any]]
+                        ) -> list[dict[str, Any]]:
+    """Target 5: each ``--mask-queries N`` row against the same backend with every query's mask."""
+    out = []
     for r in rows:
         n = r.get("mask_queries")
         if not n:
             continue
-        full_name = {"torch": res.reference_torch, "onnxruntime": res.reference_ort}.get(r["kind"])
-        if r["kind"] == "tflite":
-            full_name = next((x["backend"] for x in rows if x["kind"] == "tflite" and x["route"] == r["route"]
-                              and x["precision"] == "fp32" and not x.get("mask_queries")
-                              and x.get("sampling", "grid") == r.get("sampling", "grid")
-                              and x["resolution"] == r["resolution"]), None)
+        full_name = _full_model_row_name(res, rows, r)
         full = by.get(full_name)
         if full is None:
             continue

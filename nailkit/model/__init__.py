@@ -1,2 +1,3 @@
-"""The model: checkpoint loading and inspection (one content hash), building the rfdetr model and its export mode,
-and the sampling rewrites (GridSample alternatives, XNNPACK-friendly ops)."""
+"""The model: checkpoint loading (checkpoint_loading), inspection (checkpoint_report) and the resolved ``Checkpoint``
+with its one content hash (checkpoint), building the rfdetr model and its export mode, and the sampling rewrites
+(GridSample alternatives, XNNPACK-friendly ops)."""

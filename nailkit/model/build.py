@@ -18,15 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from nailkit.core.artifacts import atomic_write
-from nailkit.model.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    class_labels,
-    DEMO_CLASS_NAMES,
-    DEMO_SEED,
-    load_checkpoint,
-    state_dict_of,
-)
+from nailkit.model.checkpoint import Checkpoint, DEMO_CLASS_NAMES, DEMO_SEED
+from nailkit.model.checkpoint_loading import CheckpointError, load_checkpoint, state_dict_of
+from nailkit.model.checkpoint_report import class_labels
 
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("pred_boxes", "pred_logits", "pred_masks")

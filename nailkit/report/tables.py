@@ -180,7 +180,7 @@ def plot_accuracy_vs_latency(ax, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the GPU target (nailkit.gpu.graphs.verify_gpu_graphs / fp16_safety), notebook 04
+# the GPU target (nailkit.gpu.verify.verify_gpu_graphs / fp16_safety), notebook 04
 # ----------------------------------------------------------------------------------------------------------------
 
 def gpu_graph_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -12,7 +12,8 @@ from typing import Any
 from nailkit.core.hardware import cpu_info
 from nailkit.export import onnx_passes
 from nailkit.model.build import OUTPUT_NAMES
-from nailkit.model.checkpoint import Checkpoint, class_labels
+from nailkit.model.checkpoint import Checkpoint
+from nailkit.model.checkpoint_report import class_labels
 
 ROUTES = ("onnx2tf", "litert")
 PRECISIONS = ("fp32", "fp16", "int8")

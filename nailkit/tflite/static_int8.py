@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nailkit.core import artifacts
-from nailkit.data.dataset import ensure_dataset
+from nailkit.data.synthetic_dataset import ensure_dataset
 from nailkit.model.checkpoint import Checkpoint
 from nailkit.portable.io_contract import check_tflite_file
 from nailkit.tflite import launch, quantize as Q

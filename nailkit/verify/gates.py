@@ -16,7 +16,7 @@ Stages and what ``metrics`` must hold (each a plain dict of numbers, as the comp
   re-rank (fp16 re-ranks some on the random-weight demo: measured 8/10 matched, worst mask IoU 0.82); the forced,
   selection-aware gates above are the tight ones.
 * ``"gpu_target"`` — the GPU target's three-graph chain vs the one-graph PyTorch model after post-processing
-  (``gpu_graphs.chain_parity``), on the CPU interpreter and under the GPU delegate: the consistency metrics.
+  (``nailkit.gpu.parity.chain_parity``), on the CPU interpreter and under the GPU delegate: the consistency metrics.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ GATES: dict[str, dict[str, float]] = {
     # IoU >= 0.98, in the delegate's default precision and with enforce_f32)
     "gpu_target": {"min_matched_frac": 1.0, "min_mask_iou": 0.98, "max_score_diff": 2e-2},
     # the GPU target's three graphs on a CPU interpreter vs the same graphs in PyTorch, selection-aware
-    # (gpu_graphs.forced_chain_parity): each PyTorch graph is fed the inputs the interpreter's chain used, and every
-    # output must be within atol + rtol·|PyTorch|; the two host selections (top-Q proposals, mask queries) may differ
-    # only between scores within tie_eps (a near-tie that another ISA's or kernel's summation order resolves the other
-    # way: XNNPACK's AVX2 and AVX-512 paths swapped 2 of 200 proposals on the trained demo)
+    # (nailkit.gpu.parity.forced_chain_parity): each PyTorch graph is fed the inputs the interpreter's chain used, and
+    # every output must be within atol + rtol·|PyTorch|; the two host selections (top-Q proposals, mask queries) may
+    # differ only between scores within tie_eps (a near-tie that another ISA's or kernel's summation order resolves the
+    # other way: XNNPACK's AVX2 and AVX-512 paths swapped 2 of 200 proposals on the trained demo)
     "gpu_chain_forced": {"atol": 2e-3, "rtol": 1e-3, "tie_eps": TIE_EPS},
 }
 

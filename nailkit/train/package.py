@@ -1,0 +1,91 @@
+"""Packaging a train-demo work folder's best weights as one rfdetr-format fp32 ``.pth`` (``checkpoint_best_total.pth``'s
+layout: ``model`` + ``args``, with ``args.class_names``) carrying a ``nailkit_training`` record (data, seed, steps,
+losses, best validation, wall time, sessions, validation timeline); ``train-demo --package-only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from nailkit.core.artifacts import atomic_write
+from nailkit.model.build import build_rfdetr
+from nailkit.train.callbacks import read_progress
+from nailkit.train.study import _timeline_row
+from nailkit.train.training_files import _global_step, load_training_file
+
+
+def package_checkpoint(work_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                       trusted: bool = False) -> dict[str, Any]:
+    """Write the best weights of a training folder as one rfdetr-format fp32 ``.pth`` with plain-typed ``args`` and
+    the ``nailkit_training`` record (``train-demo --package-only``: also after a run that was stopped mid-way).
+    Every file read is loaded weights-only with the allow-list; others are refused unless ``trusted``."""
+    import torch
+
+    work = Path(work_dir)
+    best = next((work / n for n in ("checkpoint_best_total.pth", "checkpoint_best_ema.pth",
+                                    "checkpoint_best_regular.pth") if (work / n).exists()), None)
+    if best is None:
+        raise FileNotFoundError(f"{work}: no checkpoint_best_*.pth (did training finish an epoch with validation?)")
+    ckpt = load_training_file(best, trusted=trusted, what="weights file")
+    state = ckpt.get("model", ckpt)
+    steps = _global_step(work, trusted=trusted)
+    history = json.loads((work / "history.json").read_text()) if (work / "history.json").exists() else []
+    settings = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else {}
+    losses, val, epochs_done = _metrics_csv(work / "metrics.csv")
+    record = {**settings, "weights_from": best.name, "epochs_done": epochs_done, "final_losses": losses,
+              "best_validation": val, "optimizer_steps": steps,
+              "wall_s_total": sum(h.get("wall_s", 0) for h in history), "sessions": history,
+              "validation_timeline": [_timeline_row(r) for r in read_progress(work)],
+              "rfdetr": _version("rfdetr"), "torch": str(torch.__version__)}
+
+    rf = build_rfdetr("RFDETRSegPreview", num_classes=2)
+    payload = {"model": {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+               "args": checkpoint_args(ckpt.get("args"), rf), "epoch": ckpt.get("epoch"),
+               "nailkit_training": _plain(record)}
+    atomic_write(Path(out), lambda tmp: torch.save(payload, tmp))
+    return record
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able plain types only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def checkpoint_args(train_args: Any, rf) -> Any:
+    """The seed's ``args``: an ``argparse.Namespace`` holding rfdetr's training *and* model configuration (plain
+    types), so ``nailkit inspect`` can cross-check the architecture against the shapes, as for the seed."""
+    merged = dict(vars(train_args) if hasattr(train_args, "__dict__") else (train_args or {}))
+    for k, v in rf.model_config.model_dump().items():
+        merged.setdefault(k, v)
+    merged["model_name"] = type(rf).__name__
+    return argparse.Namespace(**_plain(merged))
+
+
+def _metrics_csv(path: Path) -> tuple[dict[str, float], dict[str, float], int | None]:
+    """(last logged training losses, best validation mAPs, epochs logged) from rfdetr's metrics.csv."""
+    if not path.exists():
+        return {}, {}, None
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    train = [r for r in rows if r.get("train/loss")]
+    losses = {k.split("/", 1)[1]: round(float(v), 4) for k, v in (train[-1] if train else {}).items()
+              if k.startswith("train/loss") and v and not k.endswith("_aux")}
+    val = {}
+    for key in ("val/ema_segm_mAP_50_95", "val/ema_segm_mAP_50", "val/segm_mAP_50_95", "val/segm_mAP_50",
+                "val/ema_mAP_50", "val/mAP_50"):
+        vals = [float(r[key]) for r in rows if r.get(key)]
+        if vals:
+            val[key.split("/", 1)[1]] = round(max(vals), 4)
+    epochs = {int(r["epoch"]) for r in rows if r.get("epoch", "").isdigit()}
+    return losses, val, (max(epochs) + 1) if epochs else None
+
+
+def _version(name: str) -> str:
+    return metadata.version(name)
+
