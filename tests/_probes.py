@@ -19,6 +19,8 @@ def write_probe_model(path: str | os.PathLike[str], kind: str = "clean") -> Path
       a 5-D tensor, a GATHER and a CAST to int: the GPU delegate refuses all but the last CAST.
     * "rank2_const": x[24,32] → ADD(constant [24,32]) → out. Accepted and "fully accelerated" by the WebGPU
       delegate, and computed wrong (``nailkit.tflite.passes``).
+    * "fc_const": x[2,8] → FULLY_CONNECTED(weights [4,8], bias [4]) → ADD(constant [1,4]) → out; weights and the
+      ADD constant are not representable in fp16 (``nailkit.tflite.passes.fp16_gemm_weights``).
     """
     s = schema()
     B = s.BuiltinOperator
@@ -50,8 +52,17 @@ def write_probe_model(path: str | os.PathLike[str], kind: str = "clean") -> Path
         o.builtinOptionsType, o.builtinOptions = opt_type, opt
         ops.append(o)
 
-    x = tensor("input", [24, 32] if kind == "rank2_const" else [1, 8, 8, 4])
-    if kind == "rank2_const":
+    x = tensor("input", {"rank2_const": [24, 32], "fc_const": [2, 8]}.get(kind, [1, 8, 8, 4]))
+    if kind == "fc_const":
+        rng = np.random.default_rng(0)
+        w = tensor("weights", [4, 8], data=(rng.standard_normal((4, 8)) / 3).astype(np.float32))
+        b = tensor("bias", [4], data=(rng.standard_normal(4) / 3).astype(np.float32))
+        c = tensor("offset", [1, 4], data=np.array([[1 / 3, 2 / 3, 1e-4 / 3, 1000 / 3]], np.float32))
+        y = tensor("fc", [2, 4])
+        out = tensor("output", [2, 4])
+        op(B.FULLY_CONNECTED, [x, w, b], [y], s.BuiltinOptions.FullyConnectedOptions, s.FullyConnectedOptionsT())
+        op(B.ADD, [y, c], [out], s.BuiltinOptions.AddOptions, s.AddOptionsT())
+    elif kind == "rank2_const":
         c = tensor("table", [24, 32], data=np.linspace(-3, 3, 24 * 32, dtype=np.float32).reshape(24, 32))
         out = tensor("output", [24, 32])
         op(B.ADD, [x, c], [out], s.BuiltinOptions.AddOptions, s.AddOptionsT())
@@ -77,7 +88,7 @@ def write_probe_model(path: str | os.PathLike[str], kind: str = "clean") -> Path
         op(B.CAST, [g], [ci], s.BuiltinOptions.CastOptions, _opts(s.CastOptionsT(), inDataType=f32, outDataType=i32))
         op(B.CAST, [ci], [out], s.BuiltinOptions.CastOptions, _opts(s.CastOptionsT(), inDataType=i32, outDataType=f32))
     else:
-        raise ValueError(f"kind must be 'clean', 'blocked' or 'rank2_const', not {kind!r}")
+        raise ValueError(f"kind must be 'clean', 'blocked', 'rank2_const' or 'fc_const', not {kind!r}")
     sg = s.SubGraphT()
     sg.tensors, sg.inputs, sg.outputs, sg.operators, sg.name = tensors, [x], [out], ops, "main"
     m = s.ModelT()

@@ -1,5 +1,5 @@
-"""nailkit.tflite.passes: the rank-2 × constant lift keeps every value and leaves no risky op; pack_model round-trips
-(nailkit.tflite.flatbuffer)."""
+"""nailkit.tflite.passes: the rank-2 × constant lift keeps every value and leaves no risky op; fp16 GEMM weights round
+only the weights; pack_model round-trips (nailkit.tflite.flatbuffer)."""
 
 from __future__ import annotations
 
@@ -49,3 +49,31 @@ def test_not_a_flatbuffer_is_named(tmp_path):
     bad.write_bytes(b"nope" * 10)
     with pytest.raises(ValueError, match="bad.tflite: not a TFLite flatbuffer"):
         tflite_passes.lift_constant_binary_ops(bad)
+
+
+def _constant(model, name):
+    sg = model.subgraphs[0]
+    t = next(t for t in sg.tensors if (t.name.decode() if isinstance(t.name, bytes) else t.name) == name)
+    data = model.buffers[t.buffer].data
+    return t, (None if data is None else bytes(bytearray(data)))
+
+
+def test_fp16_gemm_weights_rounds_only_the_weights(tmp_path, cpu_run):
+    src = write_probe_model(tmp_path / "fc.tflite", "fc_const")
+    dst = tmp_path / "fc_fp16.tflite"
+    assert tflite_passes.fp16_gemm_weights(src, dst) == {"fp16_tensors": 1, "fp16_bytes": 4 * 8 * 2}
+    a, b = tflite_passes.load_model_t(src), tflite_passes.load_model_t(dst)
+    w32 = np.frombuffer(_constant(a, "weights")[1], np.float32).reshape(4, 8)
+    t16, w16 = _constant(b, "weights_fp16")
+    assert t16.type == 1 and w16 == w32.astype(np.float16).tobytes()  # FLOAT16, the weights rounded
+    assert _constant(b, "weights")[1] is None  # now DEQUANTIZE's output: no fp32 copy left in the file
+    for name in ("bias", "offset"):  # every other constant keeps its fp32 bits
+        assert _constant(b, name)[1] == _constant(a, name)[1]
+    assert op_check(dst).histogram == {"DEQUANTIZE": 1, "FULLY_CONNECTED": 1, "ADD": 1}
+    x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
+    bias = np.frombuffer(_constant(a, "bias")[1], np.float32)
+    offset = np.frombuffer(_constant(a, "offset")[1], np.float32)
+    want = x @ w32.astype(np.float16).astype(np.float32).T + bias + offset
+    got = cpu_run(dst, x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(got - cpu_run(src, x)).max() > 1e-5  # the weights did change (not fp16-exact)

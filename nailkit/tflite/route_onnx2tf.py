@@ -2,8 +2,9 @@
 passes (``nailkit.export.onnx_passes.DEFAULT_PASSES``; with onnx2tf 2.6.9 + onnxsim 0.6.5 none is) + the selection
 outputs → onnx2tf in a worker (``nailkit.tflite.workers``: ``tflite_backend="tf_converter"``,
 ``replace_to_pseudo_operators=["Erf"]`` only: adding ``"GeLU"`` makes onnx2tf emit the tanh approximation) →
-``*_float32`` / ``*_float16`` .tflite, plus dynamic-range int8 from the SavedModel with ``TFLiteConverter``
-(``Optimize.DEFAULT``, as rfdetr does). Optional full-integer int8 (calibrated on ``data/``) behind ``full_int8``.
+``*_float32`` .tflite, plus dynamic-range int8 from the SavedModel with ``TFLiteConverter`` (``Optimize.DEFAULT``,
+as rfdetr does). Optional full-integer int8 (calibrated on ``data/``) behind ``full_int8``. fp16 is made from the fp32
+file by a flatbuffer pass (``make_fp16``: GEMM weights stored as fp16, everything else fp32).
 
 ``convert_route_a`` converts into a staging folder for ``nailkit.tflite.convert.ensure_tflite``, which gates and
 publishes; ``convert_onnx_file`` runs route A on an arbitrary ONNX file (no passes, no cache, no gate).
@@ -27,7 +28,7 @@ from nailkit.export.onnx import ensure_onnx
 from nailkit.model.build import DEFAULT_OUTPUT_DIR, export_options, export_suffix, resolve_checkpoint
 from nailkit.model.checkpoint import Checkpoint, checkpoint_content
 from nailkit.portable.preprocess import preprocess, to_nhwc
-from nailkit.tflite import launch
+from nailkit.tflite import launch, passes
 from nailkit.tflite.options import (
     ONNX2TF_KWARGS,
     ONNX2TF_PER_OP_VALIDATION,
@@ -43,7 +44,21 @@ def key_params(passes: tuple[str, ...]) -> dict[str, Any]:
     if not ONNX2TF_PER_OP_VALIDATION:
         params["onnx2tf_per_op_validation"] = False
     params["onnx2tf_tflite_from"] = "concrete_function"  # see nailkit.tflite.workers._onnx2tf_tflite
+    params["fp16_from"] = "fp32_file:gemm_weights"  # see make_fp16
     return params
+
+
+def make_fp16(fp32: Path, dst: Path) -> dict[str, Any]:
+    """Route A's fp16 file: the fp32 file with its GEMM weights stored as fp16 (``nailkit.tflite.passes.fp16_gemm_weights``)
+    rather than TFLiteConverter's fp16 mode, which also rounds onnx2tf's folded constants (its pseudo-Erf coefficients,
+    the proposal anchors, the interpolated position embedding) and failed the gate at 3.41x the rounding control."""
+    if not fp32.is_file():
+        raise launch.ConversionError(f"{dst.name}: route A's fp16 file is made from the fp32 file, and {fp32} is missing "
+                              "(its conversion failed or was refused); convert fp32 first")
+    t0 = time.time()
+    with subproc.step(f"fp16 from {fp32.name}", "GEMM weights to fp16"):
+        stats = passes.fp16_gemm_weights(fp32, dst)
+    return {"file": str(dst), "seconds": round(time.time() - t0, 2), **stats}
 
 
 def ensure_selection_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.PathLike[str] | None = None,
@@ -88,6 +103,8 @@ def convert_route_a(ckpt: Checkpoint, out_dir: Path, adir: Path, key: dict[str, 
     a worker, or — when fp32 is cached with its SavedModel kept — the wanted precisions from that SavedModel. Returns
     the worker's result and the meta it adds (``onnx``, ``made_from``)."""
     extra: dict[str, Any] = {}
+    fp16 = "fp16" in wanted  # made from the fp32 file afterwards (make_fp16), never by the converter
+    wanted = [p for p in wanted if p != "fp16"]
     with subproc.step(f"onnx2tf {res}", "export + verify ONNX (cached after the first time)"):
         onnx_path, _ = ensure_selection_onnx(ckpt, out_dir, res, passes=passes, sampling=sampling,
                                              mask_queries=mask_queries)
@@ -102,8 +119,12 @@ def convert_route_a(ckpt: Checkpoint, out_dir: Path, adir: Path, key: dict[str, 
         # fp32 is cached: make fp16 / int8 / full_int8 from the kept SavedModel, no second onnx2tf run.
         wanted = [p for p in wanted if p not in done]
         extra["made_from"] = str(kept)
-        result = launch.run_worker(["quantize-saved-model", str(kept), str(wp), ",".join(wanted)], log_path,
-                                   f"TFLiteConverter {'+'.join(wanted)}")
+        result: dict[str, Any] = {"files": {}, "times": {}}
+        if wanted:
+            result = launch.run_worker(["quantize-saved-model", str(kept), str(wp), ",".join(wanted)], log_path,
+                                       f"TFLiteConverter {'+'.join(wanted)}")
+        if fp16:
+            _add_fp16(result, adir / "model_fp32.tflite", wp)
         return result, extra
     src = wp / "model.onnx"  # onnx2tf names its files after the stem
     os.symlink(onnx_path.resolve(), src)
@@ -118,7 +139,15 @@ def convert_route_a(ckpt: Checkpoint, out_dir: Path, adir: Path, key: dict[str, 
     if kept.exists():
         shutil.rmtree(kept)
     os.replace(wp / "saved_model", kept)  # onnx2tf's SavedModel, for later quantization
+    if fp16:
+        _add_fp16(result, Path(result["files"]["fp32"]), wp)
     return result, extra
+
+
+def _add_fp16(result: dict[str, Any], fp32: Path, wp: Path) -> None:
+    made = make_fp16(fp32, wp / "fp16.tflite")
+    result["files"]["fp16"] = made["file"]
+    result.setdefault("times", {})["fp16_s"] = made["seconds"]
 
 
 def convert_onnx_file(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],

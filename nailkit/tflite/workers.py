@@ -77,8 +77,8 @@ def _onnx2tf_tflite(fp16: bool, tf: Any) -> Iterator[None]:
     * ``from_keras_model`` raises, so onnx2tf takes its own fallback, ``from_concrete_functions([concrete_func])`` —
       the same graph frozen and converted without the Keras re-save;
     * when fp16 was not asked for, the second (fp16) conversion returns nothing: onnx2tf writes an empty
-      ``*_float16.tflite``, which is ignored. fp16 asked for later is made from the kept SavedModel
-      (``_quantize_saved_model``), with no second onnx2tf run.
+      ``*_float16.tflite``, which is ignored. Route A's fp16 file is made from the fp32 file by a flatbuffer pass
+      (``nailkit.tflite.route_onnx2tf.make_fp16``), with no second onnx2tf run.
     Every file is gated against PyTorch afterwards, so a difference in conversion path cannot pass unseen."""
     cls = tf.lite.TFLiteConverter
     from_keras, from_funcs = cls.from_keras_model, cls.from_concrete_functions
@@ -130,28 +130,24 @@ def _per_op_validation(enabled: bool) -> Iterator[None]:
 
 def _worker_quantize_saved_model(saved_model: str, work: str, precisions: str) -> None:
     tf = import_tensorflow()
-    files, times = _quantize_saved_model(tf, Path(saved_model), precisions.split(","), Path(work),
-                                         fp16_from_saved_model=True)
+    files, times = _quantize_saved_model(tf, Path(saved_model), precisions.split(","), Path(work))
     _emit({"files": files, "times": times, "tensorflow": tf.__version__})
 
 
-def _quantize_saved_model(tf: Any, saved_model: Path, precs: list[str], work_p: Path,
-                          fp16_from_saved_model: bool = False) -> tuple[dict[str, str], dict[str, float]]:
+def _quantize_saved_model(tf: Any, saved_model: Path, precs: list[str], work_p: Path
+                          ) -> tuple[dict[str, str], dict[str, float]]:
     """Dynamic-range int8 (``Optimize.DEFAULT``, as rfdetr does) and, when asked, full-integer int8 calibrated on
     ``work/calib.npy`` (int8 builtins, float fallback allowed for ops without an int8 kernel)."""
     files: dict[str, str] = {}
     times: dict[str, float] = {}
     for prec in precs:
-        if prec not in ("int8", "full_int8", "fp16") or (prec == "fp16" and not fp16_from_saved_model):
+        if prec not in ("int8", "full_int8"):  # fp16: nailkit.tflite.route_onnx2tf.make_fp16, from the fp32 file
             continue
         t1 = time.time()
         subproc.stage(f"quantize {prec} (TFLiteConverter)")
         print(f"TFLiteConverter {prec} from {saved_model} ...", flush=True)
         conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        if prec == "fp16":  # what onnx2tf itself does for fp16, from the kept SavedModel
-            conv.target_spec.supported_types = [tf.float16]
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
         if prec == "full_int8":
             calib = np.load(work_p / "calib.npy")
 

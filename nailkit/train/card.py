@@ -140,9 +140,11 @@ def render_recipe_study(rs: dict[str, Any]) -> list[str]:
         lines += [rs["setup"], ""]
     lines += [recipe_table_markdown(rs.get("runs", {})), ""]
     if rs.get("plot"):
-        lines += [f"Plot: `{rs['plot']}` (mask mAP50 solid, box mAP50 dashed, against optimizer steps and CPU minutes; "
+        lines += [f"![recipe study]({rs['plot']})", "",
+                  f"Plot: `{rs['plot']}` (mask mAP50 solid, box mAP50 dashed, against optimizer steps and CPU minutes; "
                   f"training loss against optimizer steps; regenerate with "
-                  f"`nailkit.train.study.plot_recipe_study(recipe_study(runs), path)`).", ""]
+                  f"`nailkit.train.study.plot_recipe_study(card['recipe_study']['runs'], path)` from this card's "
+                  f"`.card.json`).", ""]
     if rs.get("conclusion"):
         lines += [f"**Verdict**: {rs['conclusion']}", ""]
     return lines
