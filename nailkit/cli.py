@@ -119,6 +119,9 @@ def _add_model_and_data_commands(sub) -> None:
     s.add_argument("checkpoint")
     s.add_argument("--dataset", required=True)
     s.add_argument("--split", default="test")
+    s.add_argument("--unseen-dataset", default=None,
+                   help="a second dataset from a seed training never saw (make-dataset --seed 7): the bar is checked "
+                        "on its split too")
     s.add_argument("--force", action="store_true", help="replace the shipped card in data/models/")
     s.set_defaults(handler=cli_model_card)
 
@@ -270,10 +273,11 @@ def cli_model_card(args: argparse.Namespace) -> int:
     ckpt = check_path(args.checkpoint, "checkpoint", kind="file")
     if not ckpt.is_file():
         raise NailkitError(f"{ckpt}: no such checkpoint; expected an rfdetr .pth")
-    split = load_split(args.dataset, args.split)
-    if not split.coco["images"]:
-        raise DatasetError(f"{split.annotation_file}: the {args.split!r} split has no images; a model card needs a "
-                           f"non-empty split")
+    for ds in [args.dataset] + ([args.unseen_dataset] if getattr(args, "unseen_dataset", None) else []):
+        split = load_split(ds, args.split)
+        if not split.coco["images"]:
+            raise DatasetError(f"{split.annotation_file}: the {args.split!r} split has no images; a model card needs "
+                               f"a non-empty split")
     card = ckpt.with_suffix(".card.json")
     shipped = SHIPPED_MODELS
     if card.exists() and ckpt.resolve().parent == shipped and not args.force:

@@ -80,7 +80,10 @@ def test_worker_stages_from_markers_and_stage_lines(tmp_path, capsys):
     assert names == ["start", "convert", "quantize int8"]
     assert all(t >= 0.5 for n, t in res["stages"] if n != "start")
     err = capsys.readouterr()
-    assert "conv: done in 0:01 (convert 1 s, quantize int8 1 s)" in err.out + err.err
+    out = err.out + err.err
+    assert "conv: done in 0:01 (convert 1 s, quantize int8 1 s)" in out
+    # captured (not a terminal): one plain line per stage, no redrawn line of carriage returns
+    assert "\r" not in out and "conv: convert … (total 0:00)" in out and "conv: quantize int8 … (total 0:0" in out
 
 
 def test_worker_failure_names_the_stage(tmp_path):

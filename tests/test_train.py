@@ -217,8 +217,12 @@ def test_recipe_levers_reach_rfdetr_train_config(tmp_path, tiny_ds, monkeypatch)
 def test_random_init_defaults_and_init_from(tmp_path, tiny_ds, monkeypatch):
     seen = _fake_rfdetr(monkeypatch)
     init = tmp_path / "init.pth"
-    torch.save({"model": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}, "args": argparse.Namespace()}, init)
+    parent = {"optimizer_steps": 720, "lr": 2e-4, "sessions": [{"global_step": 720, "wall_s": 60}]}
+    torch.save({"model": {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}, "args": argparse.Namespace(),
+                "nailkit_training": parent}, init)
     train_demo(tiny_ds, None, work_dir=tmp_path / "w", init_from=init, package=False)
+    lineage = json.loads((tmp_path / "w" / "lineage.json").read_text())  # the parent's runs stay in the history
+    assert lineage["record"] == parent and lineage["init_from"] == str(init) and len(lineage["sha256"]) == 64
     kw = seen["train_kwargs"]
     assert kw["lr_vit_layer_decay"] == 1.0 and kw["lr_component_decay"] == 1.0  # no decay from random init
     assert kw["warmup_epochs"] == pytest.approx(40 / steps_per_epoch(1, 2, 1, 60))  # fresh optimizer: warm-up
@@ -236,6 +240,8 @@ def test_random_init_defaults_and_init_from(tmp_path, tiny_ds, monkeypatch):
                    package=False)
     with pytest.raises(ValueError, match="--layer-decay"):
         train_demo(tiny_ds, None, work_dir=tmp_path / "w", layer_decay=0.0, package=False)
+    train_demo(tiny_ds, None, work_dir=tmp_path / "w", package=False)  # from random init: no parent any more
+    assert not (tmp_path / "w" / "lineage.json").exists()
 
 
 def test_trusted_resume_lets_lightning_unpickle(tmp_path, tiny_ds, monkeypatch):

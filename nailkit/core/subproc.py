@@ -104,6 +104,12 @@ def step(desc: str, name: str, progress: bool = True) -> Iterator[None]:
         tqdm.write(f"{desc}: {name} done in {_mmss(time.time() - t0)}")
 
 
+def _live_terminal() -> bool:
+    """Whether a redrawn progress line reads well here: a terminal, or Jupyter (tqdm.auto draws a widget there). A
+    file or pipe gets plain lines instead (a redrawn line would be one long line of carriage returns)."""
+    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def _mmss(s: float) -> str:
     return f"{int(s) // 60}:{int(s) % 60:02d}"
 
@@ -136,8 +142,14 @@ def run_python(args: Sequence[str], *, desc: str, timeout: float, log_path: Opti
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             env=env or child_env(), cwd=str(REPO_ROOT), start_new_session=True)
     clock = StageClock()
-    bar = tqdm(desc=desc, bar_format="{desc}{postfix}", leave=False, disable=not progress)
+    live = progress and _live_terminal()  # a log file gets one line per stage, not a redrawn line
+    bar = tqdm(desc=desc, bar_format="{desc}{postfix}", leave=False, disable=not live)
     bar.set_postfix_str(clock.line(), refresh=True)
+
+    def start(stage: str) -> None:
+        clock.start(stage)
+        if progress and not live:
+            tqdm.write(f"{desc}: {stage} … (total {_mmss(time.time() - t0)})")
 
     def read() -> None:
         assert proc.stdout is not None
@@ -149,11 +161,11 @@ def run_python(args: Sequence[str], *, desc: str, timeout: float, log_path: Opti
                 found["result"] = line[len(RESULT_PREFIX):]
                 continue
             if line.startswith(STAGE_PREFIX):
-                clock.start(line[len(STAGE_PREFIX):].strip())
+                start(line[len(STAGE_PREFIX):].strip())
                 continue
             for marker, name in stages:
                 if marker in line:
-                    clock.start(name)
+                    start(name)
             tail.append(line.rstrip())
             del tail[:-20]
 

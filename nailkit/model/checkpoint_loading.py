@@ -16,6 +16,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from nailkit.core.errors import first_line
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with a message naming the file and what was expected."""
 
@@ -73,15 +76,15 @@ def load_checkpoint(path: str | os.PathLike[str], *, trusted: bool = False) -> d
                                   f"written by torch.save; re-copy or re-download the file.") from None
         if not trusted:
             raise CheckpointError(
-                f"{path}: holds Python objects that weights_only loading refuses ({_first_line(exc)}). "
+                f"{path}: holds Python objects that weights_only loading refuses ({first_line(exc)}). "
                 f"Unpickling can run arbitrary code: pass trusted=True (CLI: --trusted) only if you trust this file."
             ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001 - re-raised with the file name
-            raise CheckpointError(f"{path}: could not be unpickled even as trusted: {_first_line(exc2)}") from None
+            raise CheckpointError(f"{path}: could not be unpickled even as trusted: {first_line(exc2)}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        msg = _first_line(exc)
+        msg = first_line(exc)
         if "zip" in msg.lower() or "central directory" in msg.lower() or isinstance(exc, EOFError):
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({msg}). Expected a complete .pth "
                                   f"written by torch.save; re-copy or re-download the file.") from None
@@ -94,25 +97,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, trusted: bool = False) -> d
     return obj
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of ``exc``'s message, shortened at a word boundary (with "…") when longer than ``limit``."""
-    text = str(exc).strip().splitlines()
-    if not text:
-        return type(exc).__name__
-    line = text[0]
-    if len(line) <= limit:
-        return line
-    cut = line[:limit].rsplit(" ", 1)[0]
-    return cut.rstrip(" ,;:") + " …"
-
-
 def _zip_damage(path: Path) -> str | None:
     """Why a zip-format .pth is damaged (bad CRC, unreadable member, not a zip), or None when it reads cleanly."""
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError) as exc:
-        return f"not a readable zip archive: {_first_line(exc, 120)}"
+        return f"not a readable zip archive: {first_line(exc, 120)}"
     return f"member {bad} fails its CRC check" if bad else None
 
 

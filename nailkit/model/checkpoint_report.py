@@ -13,9 +13,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nailkit.core.errors import first_line
 from nailkit.model.checkpoint_loading import (
     CheckpointError,
-    _first_line,
     _is_tensor,
     args_of,
     load_checkpoint,
@@ -134,7 +134,7 @@ def inspect_checkpoint(path_or_ckpt: str | os.PathLike[str] | dict[str, Any], *,
     except (IndexError, TypeError, AttributeError, KeyError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise
-        raise CheckpointError(f"{path}: malformed RF-DETR state_dict ({type(exc).__name__}: {_first_line(exc)}); "
+        raise CheckpointError(f"{path}: malformed RF-DETR state_dict ({type(exc).__name__}: {first_line(exc)}); "
                               f"expected rfdetr's parameter names mapped to tensors of its shapes") from None
 
 
@@ -284,11 +284,11 @@ def _check_state_dict(sd: dict[str, Any], path: str) -> None:
     """Parameter names mapped to tensors, or a ``CheckpointError`` naming the first entry that is not."""
     odd = next((k for k in sd if not isinstance(k, str)), None)
     if odd is not None:
-        raise CheckpointError(f"{path}: state_dict key {odd!r} is a {type(odd).__name__}; expected parameter names "
+        raise CheckpointError(f"{path}: state_dict key {odd!r} is of type {type(odd).__name__}; expected parameter names "
                               f"(strings) mapped to tensors")
     odd = next((k for k, v in sd.items() if not _is_tensor(v)), None)
     if odd is not None:
-        raise CheckpointError(f"{path}: state_dict entry {odd!r} is a {type(sd[odd]).__name__}; expected tensors")
+        raise CheckpointError(f"{path}: state_dict entry {odd!r} is of type {type(sd[odd]).__name__}; expected tensors")
 
 
 def _sizes(sd: dict[str, Any], pos_key: str | None, patch_key: str | None

@@ -142,15 +142,6 @@ def _check_model_file(path: Path, kind: str) -> Path:
     return path
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of ``exc``'s message, shortened at a word boundary (with "…") when longer than ``limit``."""
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    if len(line) <= limit:
-        return line
-    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:") + " …"
-
-
 def _single_input(inputs: Sequence[Any], path: Path) -> Any:
     if len(inputs) != 1:
         raise ValueError(f"{path}: model has {len(inputs)} inputs; expected one image input")

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from nailkit.core.artifacts import read_sidecar
-from nailkit.runtime.base import _apply_meta, _check_model_file, _first_line, _single_input, _square_resolution, Runner
+from nailkit.core.errors import first_line
+from nailkit.runtime.base import _apply_meta, _check_model_file, _single_input, _square_resolution, Runner
 
 
 class OnnxRunner(Runner):
@@ -39,7 +40,7 @@ class OnnxRunner(Runner):
             self.session = ort.InferenceSession(str(self.path), sess_options=opts,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise ValueError(f"{self.path}: not a loadable ONNX model ({_first_line(exc)}); the file may be truncated or "
+            raise ValueError(f"{self.path}: not a loadable ONNX model ({first_line(exc)}); the file may be truncated or "
                              f"corrupt, re-export it (python -m nailkit export-onnx)") from None
         inp = _single_input(self.session.get_inputs(), self.path)
         if inp.type != "tensor(float)":

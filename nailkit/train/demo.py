@@ -41,6 +41,7 @@ from nailkit.data.coco_export import load_split
 from nailkit.model.build import build_rfdetr
 from nailkit.model.checkpoint_loading import load_checkpoint
 from nailkit.train.callbacks import PROGRESS_FILE, make_callbacks, read_progress
+from nailkit.train.lineage import LINEAGE_FILE, write_lineage
 from nailkit.train.package import package_checkpoint
 from nailkit.train.training_files import (TRAINING_FILE_GLOBALS, _global_step, _latest_ckpt, _load_training_file,
                                           _timer_elapsed_s)
@@ -132,6 +133,10 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str] | No
                 "warmup_resolution": warmup_resolution, "warmup_resolution_steps": warmup_resolution_steps,
                 "init_from": str(init_from) if init_from else None, "checkpoint_interval": checkpoint_interval}
     (work / "settings.json").write_text(json.dumps(settings, indent=2))
+    if init_from:  # the parent's runs stay part of the result's history (nailkit.train.lineage)
+        write_lineage(work, init_from, trusted=trusted)
+    elif not resume_path and (work / LINEAGE_FILE).exists():
+        (work / LINEAGE_FILE).unlink()  # a new run from random init in this folder has no parent
     record_session = functools.partial(_record_session, history, history_file, work=work, t0=time.time(),
                                        device=device, resume_path=resume_path, ds=ds, recipe=recipe, note=note)
     _train_with_rfdetr(rf, dict(

@@ -1,6 +1,7 @@
 """Packaging a train-demo work folder's best weights as one rfdetr-format fp32 ``.pth`` (``checkpoint_best_total.pth``'s
 layout: ``model`` + ``args``, with ``args.class_names``) carrying a ``nailkit_training`` record (data, seed, steps,
-losses, best validation, wall time, sessions, validation timeline); ``train-demo --package-only``.
+losses, best validation, wall time, every run since random init (``nailkit.train.lineage``), validation timeline);
+``train-demo --package-only``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from nailkit.core.artifacts import atomic_write
 from nailkit.model.build import build_rfdetr
 from nailkit.train.callbacks import read_progress
+from nailkit.train.lineage import read_lineage, training_runs
 from nailkit.train.study import _timeline_row
 from nailkit.train.training_files import _global_step, load_training_file
 
@@ -38,9 +40,12 @@ def package_checkpoint(work_dir: str | os.PathLike[str], out: str | os.PathLike[
     history = json.loads((work / "history.json").read_text()) if (work / "history.json").exists() else []
     settings = json.loads((work / "settings.json").read_text()) if (work / "settings.json").exists() else {}
     losses, val, epochs_done = _metrics_csv(work / "metrics.csv")
+    lineage = read_lineage(work)
+    runs, total_steps = training_runs(lineage, history, steps, settings)
     record = {**settings, "weights_from": best.name, "epochs_done": epochs_done, "final_losses": losses,
-              "best_validation": val, "optimizer_steps": steps,
-              "wall_s_total": sum(h.get("wall_s", 0) for h in history), "sessions": history,
+              "best_validation": val, "optimizer_steps": total_steps, "optimizer_steps_this_folder": steps,
+              "wall_s_total": sum(h.get("wall_s", 0) for h in runs), "sessions": runs,
+              "parent": {k: lineage.get(k) for k in ("init_from", "sha256")} if lineage else None,
               "validation_timeline": [_timeline_row(r) for r in read_progress(work)],
               "rfdetr": _version("rfdetr"), "torch": str(torch.__version__)}
 
