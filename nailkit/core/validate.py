@@ -128,7 +128,7 @@ RULES: dict[str, list[Rule]] = {
                  ("threshold", "--threshold", probability), ("max_images", "--max-images", non_negative),
                  ("rows", "--rows", path_text), *_THREADS, *_RES],
     "model-card": [("checkpoint", "checkpoint", path_text), ("dataset", "--dataset", path_text),
-                   ("split", "--split", nonempty_text)],
+                   ("unseen_dataset", "--unseen-dataset", path_text), ("split", "--split", nonempty_text)],
     "export-onnx": [("checkpoint", "checkpoint", path_text), ("out", "--out", path_text),
                     ("opset", "--opset", at_least_one), ("mask_queries", "--mask-queries", at_least_one), *_RES],
     "convert": [("out", "--out", path_text), ("precision", "--precision", precisions),
