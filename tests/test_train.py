@@ -244,6 +244,23 @@ def test_random_init_defaults_and_init_from(tmp_path, tiny_ds, monkeypatch):
     assert not (tmp_path / "w" / "lineage.json").exists()
 
 
+def test_a_stopped_run_records_its_session(tmp_path, tiny_ds, monkeypatch):
+    """kill -TERM / Ctrl-C mid-run: the session still lands in history.json (with why it stopped), then the stop goes
+    on to the caller."""
+    seen = _fake_rfdetr(monkeypatch)
+
+    def stopped_fit(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_FakeTrainer, "fit", stopped_fit)
+    with pytest.raises(KeyboardInterrupt):
+        train_demo(tiny_ds, None, minutes=1, work_dir=tmp_path / "w", package=False)
+    assert "trainer" in seen
+    (entry,) = json.loads((tmp_path / "w" / "history.json").read_text())
+    assert entry["note"].startswith("stopped (KeyboardInterrupt)") and "--package-only" in entry["note"]
+    assert entry["recipe"]["lr"] == 2e-4 and entry["wall_s"] >= 0
+
+
 def test_trusted_resume_lets_lightning_unpickle(tmp_path, tiny_ds, monkeypatch):
     seen = _fake_rfdetr(monkeypatch)
     state = tmp_path / "last.ckpt"

@@ -259,8 +259,8 @@ def _train_with_rfdetr(rf: Any, train_kwargs: dict[str, Any], *, max_time: _dt.t
             rf.train(**train_kwargs)
     except BaseException as exc:  # stopped (kill -TERM: PTL stops at the next batch) or failed: the session counts
         if not isinstance(exc, Exception) or "SIGTERM" in type(exc).__name__:
-            record_session(f"stopped ({type(exc).__name__}); the last finished epoch's state and best weights "
-                           f"are in {work} (train-demo --package-only / --resume)")
+            record_session(stopped=f"stopped ({type(exc).__name__}); the last finished epoch's state and best "
+                                   f"weights are in {work} (train-demo --package-only / --resume)")
         raise
     finally:
         rt.build_trainer = original
