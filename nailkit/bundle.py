@@ -324,7 +324,8 @@ GPU_POSTPROCESS_STEPS = [
     "graph_c(memory, those rows) → pred_masks for those queries only",
     "host: postprocess.postprocess(RawOutputs(pred_boxes, pred_logits, pred_masks, mask_queries), (W, H), "
     "threshold): boxes cxcywh → xyxy × image size; masks resized bilinearly (half-pixel, no antialias) to the "
-    "original size, then logit > 0",
+    "original size, then logit > 0; when all mask_slots were used, detections past the first one whose query got no "
+    "slot are left out (the kept ones are the best, each with its own mask) and counted (Prediction.dropped)",
 ]
 
 

@@ -7,6 +7,7 @@ with a one-line error, never a traceback (set NAILKIT_DEBUG=1 to see it).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import os
 import sys
@@ -122,6 +123,9 @@ def _add_model_and_data_commands(sub) -> None:
     s.add_argument("--unseen-dataset", default=None,
                    help="a second dataset from a seed training never saw (make-dataset --seed 7): the bar is checked "
                         "on its split too")
+    s.add_argument("--work-dir", default=None,
+                   help="the train-demo folder these weights came from (its last.ckpt): the card's resume command "
+                        "names it")
     s.add_argument("--force", action="store_true", help="replace the shipped card in data/models/")
     s.set_defaults(handler=cli_model_card)
 
@@ -278,6 +282,10 @@ def cli_model_card(args: argparse.Namespace) -> int:
         if not split.coco["images"]:
             raise DatasetError(f"{split.annotation_file}: the {args.split!r} split has no images; a model card needs "
                                f"a non-empty split")
+    work = getattr(args, "work_dir", None)
+    if work and not (Path(work) / "last.ckpt").is_file():
+        raise NailkitError(f"--work-dir {work}: no last.ckpt there; expected the train-demo work folder whose full "
+                           f"state the card's resume command continues")
     card = ckpt.with_suffix(".card.json")
     shipped = SHIPPED_MODELS
     if card.exists() and ckpt.resolve().parent == shipped and not args.force:

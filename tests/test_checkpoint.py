@@ -250,3 +250,39 @@ def test_checkpoint_object_is_resolved_once_and_loaded_once(demo_ckpt, monkeypat
     assert ckpt.sha256(64) == file_sha256(demo_ckpt.path, 64) and ckpt.sha256() == ckpt.sha256(64)[:12]
     rf = load_model(ckpt)
     assert not hasattr(rf, "nailkit_checkpoint") and not hasattr(rf, "nailkit_report")  # nothing patched on rf
+
+
+def test_saved_checkpoint_is_deflated_fp32_exact_and_loads_weights_only(tmp_path):
+    """nailkit's packaged .pth: torch.save's zip with deflated members — smaller, and the same tensors to
+    torch.load(weights_only=True) and nailkit's loader."""
+    import zipfile
+
+    from nailkit.model.checkpoint_saving import save_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(256, 1024, generator=g) * 0.02, "b": torch.zeros(1024), "n": torch.arange(5)}
+    payload = {"model": state, "args": argparse.Namespace(lr=1e-4, class_names=["Nail"])}
+    plain = tmp_path / "plain.pth"
+    torch.save(payload, plain)
+    out = save_checkpoint(payload, tmp_path / "sub" / "m.pth")
+    with zipfile.ZipFile(out) as z:
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+        names = [i.filename for i in z.infolist()]
+        assert {n.split("/", 1)[0] for n in names} == {"m"}  # named after the file, not its temporary
+        with zipfile.ZipFile(plain) as zp:
+            assert [n.split("/", 1)[1] for n in names] == [i.filename.split("/", 1)[1] for i in zp.infolist()]
+            assert [z.read(n) for n in names] == [zp.read(i) for i in zp.infolist()]
+    assert out.stat().st_size < 0.97 * plain.stat().st_size  # the exponent bytes of fp32 weights deflate
+    loaded = load_checkpoint(out)
+    for k, v in state.items():
+        assert loaded["model"][k].dtype == v.dtype and torch.equal(loaded["model"][k], v), k
+    assert loaded["args"].class_names == ["Nail"]
+    assert [p.name for p in out.parent.iterdir()] == ["m.pth"]  # no temporary left beside it
+
+
+def test_save_checkpoint_leaves_no_file_when_the_payload_cannot_be_saved(tmp_path):
+    from nailkit.model.checkpoint_saving import save_checkpoint
+
+    with pytest.raises(Exception):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "f": lambda: 0}, tmp_path / "m.pth")
+    assert list(tmp_path.iterdir()) == []

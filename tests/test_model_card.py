@@ -82,6 +82,9 @@ def test_card_renders_every_run_both_splits_and_how_to_go_on():
     assert "0.050 (step 80) → best 0.310 (step 160) → 0.280 (step 240" in md
     assert md.count("--lr 0.0001 ") == 2 and md.count("--layer-decay 1.0 --component-decay 1.0") == 2
     assert "--batch-size 1 --batches-per-epoch 80" in md
+    assert "--resume WORK_DIR --work-dir WORK_DIR" in md  # no folder recorded: a placeholder
+    named = render_card({**_card(["x"], ["y"]), "work_dir": "/runs/s6"})
+    assert "--resume /runs/s6 --work-dir /runs/s6 --minutes 600" in named and "WORK_DIR" not in named
     ok = render_card(_card([], []))
     assert "**Meets the quality bar** on both splits." in ok and "train-demo" not in ok.split("## Metrics")[1]
 
@@ -122,3 +125,17 @@ def test_card_overlays_draw_test_images_synthetic_images_and_photos(tmp_path):
     assert len(panels) == 9 and {t for _, t in runner.calls} == {0.5}
     assert [p["detections"] for p in panels] == [1] * 6 + [0] * 3
     assert panels[0]["scores"] == [pytest.approx(0.93)]
+
+
+def test_model_card_work_dir_must_hold_the_resume_state(tmp_path, capsys):
+    from nailkit.cli import main
+
+    ds = tmp_path / "nails"
+    from nailkit.data import synthetic_dataset as D
+    D.make_dataset(ds, seed=1, sizes={"train": 1, "valid": 1, "test": 1})
+    ckpt = tmp_path / "m.pth"
+    ckpt.write_bytes(b"PK")
+    rc = main(["model-card", str(ckpt), "--dataset", str(ds), "--work-dir", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--work-dir" in err and "last.ckpt" in err, err
+    assert not (tmp_path / "m.card.json").exists()

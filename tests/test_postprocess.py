@@ -206,14 +206,42 @@ def test_masks_for_selected_queries_only_equal_full_masks():
         np.testing.assert_array_equal(part.query_index, full.query_index)
 
 
-def test_too_few_mask_slots_is_an_error_not_a_wrong_mask():
+def test_full_mask_slots_keep_the_best_detections_and_count_the_rest():
+    """The GPU target computes masks for at most ``slots`` queries: with every slot used, post-processing keeps the
+    full post-processing's first detections (same boxes, scores and masks) and counts the others as dropped."""
     from nailkit.portable.postprocess import select_mask_queries
 
     raw = random_raw(12, q=40, c=3, mh=9)
-    _, qsel = select_mask_queries(raw.logits, np.zeros((40, 4), np.float32), num_select=40, threshold=0.01, slots=2)
-    assert len(qsel) == 2
-    sel = RawOutputs(raw.boxes, raw.logits, raw.masks[qsel], mask_queries=qsel)
-    with pytest.raises(ValueError, match="no mask row"):
+    full = postprocess(raw, (50, 50), threshold=0.01, num_select=40)
+    for slots in (2, 5):
+        _, qsel = select_mask_queries(raw.logits, np.zeros((40, 4), np.float32), num_select=40, threshold=0.01,
+                                      slots=slots)
+        assert len(qsel) == slots < len(set(full.query_index.tolist()))
+        sel = RawOutputs(raw.boxes, raw.logits, raw.masks[qsel], mask_queries=qsel)
+        part = postprocess(sel, (50, 50), threshold=0.01, num_select=40)
+        n = len(part)
+        assert 0 < n < len(full) and part.dropped == len(full) - n
+        np.testing.assert_array_equal(part.query_index, full.query_index[:n])
+        np.testing.assert_array_equal(part.confidence, full.confidence[:n])
+        np.testing.assert_array_equal(part.xyxy, full.xyxy[:n])
+        np.testing.assert_array_equal(part.mask, full.mask[:n])
+        assert set(part.query_index.tolist()) <= set(qsel.tolist())
+        # the first detection left out is the first whose query got no slot
+        assert int(full.query_index[n]) not in set(qsel.tolist())
+        assert part.subset(np.arange(n)).dropped == part.dropped
+    assert full.dropped == 0
+
+
+def test_a_missing_mask_row_with_a_free_slot_is_an_error_not_a_wrong_mask():
+    from nailkit.portable.postprocess import select_mask_queries
+
+    raw = random_raw(12, q=40, c=3, mh=9)
+    # queries chosen at a higher threshold than the post-processing's: a slot is free, yet a detection has no row
+    _, qsel = select_mask_queries(raw.logits, np.zeros((40, 4), np.float32), num_select=40, threshold=0.3, slots=40)
+    assert 0 < len(qsel) < 40
+    masks = np.concatenate([raw.masks[qsel], np.zeros((40 - len(qsel), 9, 9), np.float32)])
+    sel = RawOutputs(raw.boxes, raw.logits, masks, mask_queries=qsel)
+    with pytest.raises(ValueError, match="no mask row.*same threshold"):
         postprocess(sel, (50, 50), threshold=0.01, num_select=40)
 
 

@@ -346,3 +346,21 @@ def test_recipe_plot_three_panels_and_one_table_row_per_validation(tmp_path):
     table = recipe_table_markdown(study).splitlines()
     assert len(table) == 2 + 5  # header, separator, one row per validation
     assert table[3].startswith("| rfdetr defaults | 20 |") and table[3].endswith("| – |")  # no loss: a dash
+
+
+def test_package_takes_the_newest_best_weights_file(tmp_path):
+    """rfdetr copies the winner to checkpoint_best_total.pth only when a fit ends; a resumed run's improvements land
+    in checkpoint_best_ema.pth, which is then newer."""
+    from nailkit.train.package import best_weights_file
+
+    work = tmp_path / "work"
+    work.mkdir()
+    assert best_weights_file(work) is None
+    for i, name in enumerate(("checkpoint_best_ema.pth", "checkpoint_best_total.pth")):
+        (work / name).write_bytes(b"x")
+        os.utime(work / name, ns=(10**18 + i * 10**9,) * 2)
+    assert best_weights_file(work).name == "checkpoint_best_total.pth"  # a fit ended after the last improvement
+    os.utime(work / "checkpoint_best_ema.pth", ns=(10**18 + 5 * 10**9,) * 2)
+    assert best_weights_file(work).name == "checkpoint_best_ema.pth"  # improved after that (resumed)
+    os.utime(work / "checkpoint_best_total.pth", ns=(10**18 + 5 * 10**9,) * 2)
+    assert best_weights_file(work).name == "checkpoint_best_total.pth"  # same time: total first

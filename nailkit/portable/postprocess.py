@@ -125,6 +125,9 @@ class Prediction:
     class_name: np.ndarray  # [N] object
     mask_crops: Optional[Any] = None  # [N] MaskCrop: a list, or LazyCrops (postprocess(mask_format="crop"))
     image_size: Optional[tuple] = None  # (width, height) of the original image
+    #: detections above the threshold left out because the model's mask slots were full (the GPU target computes
+    #: masks for at most ``mask_slots`` queries): the kept ones are always the best, a prefix of the full list
+    dropped: int = 0
 
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
@@ -179,7 +182,7 @@ class Prediction:
                           mask_crops=None if self.mask_crops is None else (
                               self.mask_crops.subset(idx) if hasattr(self.mask_crops, "subset")
                               else [self.mask_crops[int(i)] for i in idx]),
-                          image_size=self.image_size)
+                          image_size=self.image_size, dropped=self.dropped)
 
     def to_detections(self):
         """As ``supervision.Detections`` (xyxy, confidence, class_id, mask, data['class_name']); cropped masks are
@@ -337,14 +340,15 @@ def postprocess(raw: RawOutputs, image_size: tuple[int, int], *, threshold: floa
     scores, labels, queries, boxes = scores[keep], labels[keep], queries[keep], boxes[keep]
     masks = None
     crops = None
+    dropped = 0
     if raw.masks is not None:
         if len(queries):
             if raw.mask_queries is not None:
                 row = {int(qi): i for i, qi in enumerate(raw.mask_queries)}
-                missing = [int(qi) for qi in queries if int(qi) not in row]
-                if missing:
-                    raise ValueError(f"no mask row for queries {missing[:5]} (the mask slots held "
-                                     f"{len(raw.mask_queries)} queries); raise the slot count")
+                n_keep = mask_slot_prefix(queries, row, slots=int(raw.masks.shape[0]))
+                dropped = len(queries) - n_keep
+                scores, labels, queries, boxes = (scores[:n_keep], labels[:n_keep], queries[:n_keep],
+                                                  boxes[:n_keep])
                 logits_sel = raw.masks[[row[int(qi)] for qi in queries]]
             else:
                 logits_sel = raw.masks[queries]
@@ -375,7 +379,25 @@ def postprocess(raw: RawOutputs, image_size: tuple[int, int], *, threshold: floa
     class_name = np.array([BACKGROUND_NAME if (bg_id is not None and c == bg_id) else
                            (names[c] if c < len(names) else "") for c in labels], dtype=object)
     return Prediction(xyxy=boxes, confidence=scores.astype(np.float32), class_id=labels, query_index=queries,
-                      mask=masks, class_name=class_name, mask_crops=crops, image_size=(width, height))
+                      mask=masks, class_name=class_name, mask_crops=crops, image_size=(width, height),
+                      dropped=dropped)
+
+
+def mask_slot_prefix(queries: np.ndarray, row: dict, *, slots: int) -> int:
+    """How many of the detections (their ``queries``, best first) have a mask row in ``row`` (query → row).
+
+    A model that computes masks for at most ``slots`` queries (the GPU target's graph C) fills them with the best
+    queries first, so when every slot is used the detections without a row are the tail: keep the prefix up to the
+    first one without a row (the caller counts the rest as ``Prediction.dropped``). A detection without a row while
+    a slot is still free means the mask queries were chosen for another threshold: ValueError."""
+    for i, qi in enumerate(queries):
+        if int(qi) not in row:
+            if len(row) < int(slots):
+                raise ValueError(f"no mask row for query {int(qi)} although only {len(row)} of {slots} mask slots "
+                                 f"were used: the mask queries were selected at a higher threshold than this "
+                                 f"post-processing's (run the chain and postprocess with the same threshold)")
+            return i
+    return len(queries)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for im in args.images:
         pred = model.predict(im, args.threshold, args.mask_threshold, args.mask_upsample)
         result[str(im)] = pred.to_json()
-        print(f"{im}: {len(pred)} detections")
+        print(f"{im}: {len(pred)} detections" + (f" ({pred.dropped} more above the threshold left out: the model's "
+                                                   f"mask slots were full)" if pred.dropped else ""))
         for d in pred.to_json():
             print(f"  {d['class_name'] or d['class_id']} {d['confidence']:.3f} {d['xyxy']} mask px={d['mask_area']}")
     if args.json:

@@ -22,11 +22,13 @@ from nailkit.verify import gates
 
 def model_card(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[str], *, split: str = "test",
                negatives: Sequence[str | os.PathLike[str]] | None = None,
-               unseen: str | os.PathLike[str] | None = None, overlays: bool = True) -> dict[str, Any]:
+               unseen: str | os.PathLike[str] | None = None, overlays: bool = True,
+               work_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Score ``checkpoint`` (PyTorch fp32 at its resolution) on ``dataset/<split>``, on ``unseen/<split>`` (a dataset
     made from a seed training never saw, e.g. ``make-dataset --seed 7``) and on nail-free photos, check the quality
     bar on both splits (``nailkit.verify.gates``, stage ``quality_bar``), draw notebook 05's overlays at the bar's
-    threshold (``<stem>.overlays.png``) and write ``<stem>.card.json`` + ``<stem>.md`` beside it."""
+    threshold (``<stem>.overlays.png``) and write ``<stem>.card.json`` + ``<stem>.md`` beside it. ``work_dir``: the
+    train-demo folder the weights came from, which the card's resume command names."""
     ckpt = Path(checkpoint)
 
     record = load_checkpoint(ckpt).get("nailkit_training", {})  # weights_only, rfdetr's Namespace allowed
@@ -60,7 +62,8 @@ def model_card(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[st
             "evaluation": {"dataset": str(dataset), "split": split, "seed": _dataset_seed(dataset),
                            "backend": "torch fp32", "resolution": metrics["resolution"]},
             "metrics": {k: metrics[k] for k in METRIC_KEYS}, "unseen": unseen_card, "overlays": pictures,
-            "nail_free_photos": neg, "quality_bar": gates.gate("quality_bar"), "quality_bar_failures": failures}
+            "nail_free_photos": neg, "quality_bar": gates.gate("quality_bar"), "quality_bar_failures": failures,
+            "work_dir": str(work_dir) if work_dir else None}
     card_json = ckpt.with_suffix(".card.json")
     if card_json.exists():  # the recipe study is about the recipe, not these weights: it stays
         try:
@@ -111,7 +114,7 @@ def render_card(card: dict[str, Any]) -> str:
                   + ".", ""]
     if card["quality_bar_failures"]:
         lines += ["**Falls short of the quality bar**: " + "; ".join(card["quality_bar_failures"]) + ".", "",
-                  *render_continuation(t)]
+                  *render_continuation(t, card.get("work_dir"))]
     else:
         lines += ["**Meets the quality bar** on both splits.", ""]
     if card.get("recipe_study"):
@@ -188,9 +191,9 @@ def render_metrics(card: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def render_continuation(t: dict[str, Any]) -> list[str]:
-    """How to train these weights further: the last run's recipe, resumed where its state is, else started afresh
-    from the committed file; its measured effect from the record's validation timeline."""
+def render_continuation(t: dict[str, Any], work_dir: str | None = None) -> list[str]:
+    """How to train these weights further: the last run's recipe, resumed where its state is (``work_dir``, else a
+    placeholder), else started afresh from the committed file; its measured effect from the validation timeline."""
     last = (t.get("sessions") or [{}])[-1].get("recipe") or {}
     tl = [r for r in t.get("validation_timeline", []) if r.get("mask_map50") is not None]
     flags = (f"--layer-decay {last.get('layer_decay', 1.0)} --component-decay {last.get('component_decay', 1.0)} "
@@ -207,7 +210,8 @@ def render_continuation(t: dict[str, Any]) -> list[str]:
     return lines + ["", "```bash",
                     "python -m nailkit make-dataset ~/.cache/nailkit/nails-seed0-v2 --seed 0   # if absent",
                     "nice -n 19 python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0-v2 \\",
-                    "    --out nails_seg_preview.pth --resume WORK_DIR --minutes 600 \\",
+                    f"    --out nails_seg_preview.pth --resume {work_dir or 'WORK_DIR'} "
+                    f"--work-dir {work_dir or 'WORK_DIR'} --minutes 600 \\",
                     f"    {flags}   # the run's folder is still here",
                     "nice -n 19 python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0-v2 \\",
                     "    --out nails_seg_preview.pth --init-from data/models/nails_seg_preview.pth \\",
@@ -245,7 +249,8 @@ def write_recipe_study(card_json: str | os.PathLike[str], study: dict[str, Any],
 
 
 def cli_model_card(args) -> int:
-    card = model_card(args.checkpoint, args.dataset, split=args.split, unseen=getattr(args, "unseen_dataset", None))
+    card = model_card(args.checkpoint, args.dataset, split=args.split, unseen=getattr(args, "unseen_dataset", None),
+                      work_dir=getattr(args, "work_dir", None))
     print(json.dumps({"metrics": card["metrics"], "unseen": (card["unseen"] or {}).get("metrics")}, indent=2))
     for f in card["quality_bar_failures"]:
         print("below the quality bar:", f)

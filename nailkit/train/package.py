@@ -14,8 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from nailkit.core.artifacts import atomic_write
 from nailkit.model.build import build_rfdetr
+from nailkit.model.checkpoint_saving import save_checkpoint
 from nailkit.train.callbacks import read_progress
 from nailkit.train.lineage import read_lineage, training_runs
 from nailkit.train.study import _timeline_row
@@ -30,8 +30,7 @@ def package_checkpoint(work_dir: str | os.PathLike[str], out: str | os.PathLike[
     import torch
 
     work = Path(work_dir)
-    best = next((work / n for n in ("checkpoint_best_total.pth", "checkpoint_best_ema.pth",
-                                    "checkpoint_best_regular.pth") if (work / n).exists()), None)
+    best = best_weights_file(work)
     if best is None:
         raise FileNotFoundError(f"{work}: no checkpoint_best_*.pth (did training finish an epoch with validation?)")
     ckpt = load_training_file(best, trusted=trusted, what="weights file")
@@ -53,8 +52,24 @@ def package_checkpoint(work_dir: str | os.PathLike[str], out: str | os.PathLike[
     payload = {"model": {k: v.float() if v.is_floating_point() else v for k, v in state.items()},
                "args": checkpoint_args(ckpt.get("args"), rf), "epoch": ckpt.get("epoch"),
                "nailkit_training": _plain(record)}
-    atomic_write(Path(out), lambda tmp: torch.save(payload, tmp))
+    save_checkpoint(payload, out)  # deflated members: fp32-exact, ~7.5% smaller (nailkit.model.checkpoint_saving)
     return record
+
+
+#: rfdetr's best-weights files, in the order that breaks a tie in modification time.
+BEST_WEIGHTS_FILES = ("checkpoint_best_total.pth", "checkpoint_best_ema.pth", "checkpoint_best_regular.pth")
+
+
+def best_weights_file(work: Path) -> Path | None:
+    """The work folder's current best weights: the newest of rfdetr's ``checkpoint_best_*.pth``.
+
+    rfdetr writes ``checkpoint_best_ema/regular.pth`` whenever validation improves, and copies the winner to
+    ``checkpoint_best_total.pth`` only when a fit *ends*; a resumed (or still running) run's later improvements are
+    therefore newer than ``total``. None when the folder holds none."""
+    found = [(work / n) for n in BEST_WEIGHTS_FILES if (work / n).exists()]
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, -BEST_WEIGHTS_FILES.index(p.name)))
 
 
 def _plain(value: Any) -> Any:
