@@ -126,3 +126,68 @@ def test_fp16_safety_reports_both_layernorms(art):
         assert before["layer_norm_max_abs_in"] == pytest.approx(after["layer_norm_max_abs_in"], rel=1e-5)
         assert 0 < after["layer_norm_max_abs_reduced"] <= before["layer_norm_max_abs_reduced"]
     assert s["before"]["graph_b"]["softmax_sites"] > 0  # the decoder's self-attention softmax
+
+
+def _chain_case():
+    """A one-graph reference with its selection, the same run forced onto a near-tied swap of its two best proposals
+    (the best query's detection changes), and a ``rerun`` that gives the latter."""
+    from nailkit.portable.postprocess import RawOutputs
+
+    rng = np.random.default_rng(0)
+    q, s = 40, 60
+    boxes = np.concatenate([rng.uniform(0.2, 0.8, (q, 2)), rng.uniform(0.05, 0.3, (q, 2))], 1).astype(np.float32)
+    logits = rng.normal(-3.5, 0.5, (q, 3)).astype(np.float32)
+    logits[0] = 1.0
+    masks = rng.normal(0, 1, (q, 12, 12)).astype(np.float32)
+    scores = np.linspace(2.0, -2.0, s).astype(np.float32)
+    scores[1] = scores[0] - 2e-6
+
+    def raw(idx, changed=False):
+        r = RawOutputs(boxes, logits.copy(), masks.copy())
+        if changed:
+            r.logits[0] += 0.3
+            r.masks[0] *= -1
+        r.extra.update(topk_indices=np.asarray(idx, np.int64)[None], enc_scores=scores[None])
+        return r
+
+    idx = np.arange(q)
+    swapped = idx.copy()
+    swapped[[0, 1]] = [1, 0]
+    calls = []
+
+    def rerun(i, indices):
+        calls.append((i, np.asarray(indices).ravel().tolist()))
+        return raw(indices, changed=True)
+
+    return raw, idx, swapped, s, rerun, calls
+
+
+def test_chain_parity_compares_a_near_tie_on_the_chains_selection_and_fails_a_real_difference():
+    from nailkit.gpu.parity import chain_parity
+
+    raw, idx, swapped, s, rerun, calls = _chain_case()
+    ref, tied, size = raw(idx), raw(swapped, changed=True), (80, 60)
+    par = chain_parity([ref, ref], [raw(idx), tied], [size, size], rerun=rerun)
+    assert par["selection"] == ["same", "tie"] and par["forced_images"] == 1 and calls == [(1, swapped.tolist())]
+    assert gates.check("gpu_target", par) == [] and par["max_score_diff"] == 0.0
+    assert gates.check("gpu_target", chain_parity([ref], [tied], [size]))  # without the re-run: unforced, fails
+    outsider = idx.copy()
+    outsider[0] = s - 1  # a proposal far below the boundary: a real difference
+    real = chain_parity([ref], [raw(outsider, changed=True)], [size], rerun=rerun)
+    assert real["selection"] == ["differs"] and real["forced_images"] == 0 and len(calls) == 1
+    assert gates.check("gpu_target", real)
+    broken = raw(swapped, changed=True)
+    broken.masks[0] *= -1  # on the tie, an output that differs from PyTorch forced onto the same selection
+    assert gates.check("gpu_target", chain_parity([ref], [broken], [size], rerun=rerun))
+
+
+def test_chain_raw_exposes_the_host_selection():
+    from nailkit.gpu.parity import chain_raw
+    from nailkit.portable.postprocess import RawOutputs, select_proposals
+
+    rng = np.random.default_rng(1)
+    enc = rng.normal(size=(1, 30, 3)).astype(np.float32)
+    _, idx = select_proposals(enc[0], np.zeros((30, 4), np.float32), 5)
+    r = chain_raw({"raw": RawOutputs(np.zeros((5, 4)), np.zeros((5, 3))), "topk_indices": idx, "enc_logits": enc})
+    assert r.extra["topk_indices"].tolist() == [idx.tolist()] and r.extra["enc_scores"].shape == (1, 30)
+    assert np.array_equal(r.extra["enc_scores"][0][idx], np.sort(enc[0].max(-1))[::-1][:5])

@@ -91,3 +91,61 @@ def test_tie_order_allows_only_near_ties_to_swap():
     assert swapped.tolist() == [0, 2, 1]
     with pytest.raises(AssertionError, match="no counterpart"):  # a swap of scores 0.4 apart is no near-tie
         _ties.tie_order([0.9, 0.5], [0, 1], xy[:2], [0.5, 0.9], [1, 0], xy[[1, 0]])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# near-tied two-stage selections (selection_tie, tie_resolved_reference)
+# ------------------------------------------------------------------------------------------------------------------
+
+SCORES = np.array([5.0, 4.0, 3.0, 3.0 - 1e-6, 1.0])
+
+
+def test_selection_tie_same_tie_differs_and_the_two_error_bound():
+    from nailkit.verify.gates import TIE_EPS
+    from nailkit.verify.parity import selection_tie
+
+    assert selection_tie(SCORES, [0, 1, 2, 3], [0, 1, 2, 3])["selection"] == "same"
+    tie = selection_tie(SCORES, [0, 1, 2, 3], [0, 1, 3, 2])
+    assert tie["selection"] == "tie" and tie["gap"] == pytest.approx(1e-6) and tie["bound"] == TIE_EPS
+    assert selection_tie(SCORES, [0, 1, 2], [0, 1, 4])["selection"] == "differs"  # an outsider 2.0 below
+    # scores 1.0 apart swap only when the backend's scores are off by more than half of that (2 x error > gap)
+    assert selection_tie(SCORES, [0, 1], [1, 0], score_error=0.4)["selection"] == "differs"
+    assert selection_tie(SCORES, [0, 1], [1, 0], score_error=0.5)["selection"] == "differs"  # bound 1.0, not < 1.0
+    wide = selection_tie(SCORES, [0, 1], [1, 0], score_error=0.51)
+    assert wide["selection"] == "tie" and wide["bound"] == pytest.approx(1.02)
+    assert selection_tie(SCORES, [0, 1], [1, 0], tie_eps=1.5)["selection"] == "tie"
+    assert selection_tie(SCORES, [0, 1], [0], score_error=1e9)["selection"] == "differs"  # another length
+
+
+def _sel_raw(idx, scores=SCORES, seed=0):
+    raw = _raw(seed, q=len(idx))
+    raw.extra.update(topk_indices=np.asarray(idx, np.int64)[None], enc_scores=np.asarray(scores, np.float32)[None])
+    return raw
+
+
+def test_tie_resolved_reference_reruns_only_on_a_near_tie():
+    from nailkit.verify.parity import raw_selection_tie, tie_resolved_reference
+
+    ref = _sel_raw([0, 1, 2, 3])
+    forced = _sel_raw([0, 1, 3, 2], seed=1)
+    calls = []
+
+    def rerun(idx):
+        calls.append(np.asarray(idx).tolist())
+        return forced
+
+    for other, want in ((_sel_raw([0, 1, 2, 3]), "same"), (_sel_raw([0, 1, 2, 4]), "differs")):
+        got, tie = tie_resolved_reference(ref, other, rerun)
+        assert got is ref and tie["selection"] == want and not calls
+    got, tie = tie_resolved_reference(ref, _sel_raw([0, 1, 3, 2]), rerun)
+    assert got is forced and tie["selection"] == "tie" and calls == [[[0, 1, 3, 2]]]
+    assert tie_resolved_reference(ref, _sel_raw([0, 1, 3, 2]), None)[0] is ref  # nothing to re-run: unforced
+    bare = _sel_raw([0, 1, 3, 2])
+    bare.extra.clear()
+    assert tie_resolved_reference(ref, bare, rerun) == (ref, None) and len(calls) == 1
+    # the backend's own scores measure its error: 1 and 0 swapped with scores off by 0.6 is a tie
+    off = _sel_raw([1, 0, 2, 3], scores=SCORES + np.array([-0.6, 0.6, 0, 0, 0]))
+    t = raw_selection_tie(ref, off)
+    assert t["selection"] == "tie" and t["score_error"] == pytest.approx(0.6, abs=1e-6)
+    assert raw_selection_tie(ref, _sel_raw([1, 0, 2, 3]))["selection"] == "differs"
+    assert raw_selection_tie(ref, _sel_raw([0, 1, 3, 2], scores=np.zeros(7))) is None  # another token grid

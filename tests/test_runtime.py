@@ -414,3 +414,122 @@ def test_benchmark_rows_and_time_runner(tiny_onnx):
     rows = benchmark_rows({"onnxruntime": runner}, sample_images()[0], threshold=0.0, runs=2, warmup=0)
     assert len(rows) == 1 and rows[0]["inference_ms"] > 0 and rows[0]["fps"] > 0 and rows[0]["runs"] == 2
     assert rows[0]["detected"] == min(runner.num_select, Q * C)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# near-tied two-stage selections: compared against torch re-run on the backend's selection
+# ------------------------------------------------------------------------------------------------------------------
+
+def _with_selection(raw, idx, scores):
+    out = RawOutputs(raw.boxes.copy(), raw.logits.copy(), raw.masks.copy())
+    out.extra.update(topk_indices=np.asarray(idx, np.int64).reshape(1, -1),
+                     enc_scores=np.asarray(scores, np.float32).reshape(1, -1))
+    return out
+
+
+def test_consistency_rows_compare_a_near_tie_on_the_backends_selection():
+    from nailkit.runtime.compare import consistency_rows
+    from nailkit.verify import gates
+
+    rng = np.random.default_rng(0)
+    q, s = 40, 60
+    boxes = np.concatenate([rng.uniform(0.2, 0.8, (q, 2)), rng.uniform(0.05, 0.3, (q, 2))], 1).astype(np.float32)
+    logits = rng.normal(-3.5, 0.5, (q, 3)).astype(np.float32)
+    logits[0] = 1.0  # query 0 is the best detection
+    masks = rng.normal(0, 1, (q, 12, 12)).astype(np.float32)
+    scores = np.linspace(2.0, -2.0, s)
+    scores[1] = scores[0] - 2e-6  # the two best proposals: a near-tie
+    idx = np.arange(q)
+    swapped, outsider = idx.copy(), idx.copy()
+    swapped[[0, 1]] = [1, 0]
+    outsider[0] = s - 1
+    ref = _with_selection(RawOutputs(boxes, logits, masks), idx, scores)
+    # another content query at rank 0: its detection changes (no permutation pairs it)
+    changed = RawOutputs(boxes, logits.copy(), masks.copy())
+    changed.logits[0] += 0.3
+    changed.masks[0] *= -1
+    calls = []
+
+    def rerun(indices):
+        calls.append(np.asarray(indices).ravel().tolist())
+        assert calls[-1] == swapped.tolist()
+        return _with_selection(changed, swapped, scores)
+
+    results = _results_for({"torch": ref, "tie": _with_selection(changed, swapped, scores),
+                            "differs": _with_selection(changed, outsider, scores),
+                            "none": RawOutputs(changed.boxes, changed.logits, changed.masks)})
+    results["torch"]["img.png"]["rerun"] = rerun
+    rows = consistency_rows(results, {"tie": "fp32", "differs": "fp32", "none": "fp32"}, threshold=0.03, top_k=10)
+    by = {r["backend"]: r for r in rows}
+    assert len(calls) == 1  # only the near-tie re-ran torch
+    tie = by["tie"]
+    assert tie["selection"] == "tie" and tie["forced"] and tie["gate"] == "pass"
+    assert tie["max_score_diff"] == 0.0 and tie["min_mask_iou"] == 1.0 and tie["selection_gap"] < gates.TIE_EPS
+    unforced = {k: tie[f"unforced_{k}"] for k in ("matched_frac", "same_class", "min_mask_iou", "max_score_diff")}
+    assert gates.check("consistency_fp32", unforced)  # the unforced numbers stay in the row, and they would fail
+    for name, sel in (("differs", "differs"), ("none", None)):
+        row = by[name]
+        assert row["selection"] == sel and not row["forced"] and row["gate"] == "FAIL"
+        assert row["max_score_diff"] == row["unforced_max_score_diff"] == unforced["max_score_diff"]
+
+
+@pytest.fixture(scope="module")
+def demo_torch(demo_model):
+    """The eager TorchRunner on the demo checkpoint, one photo run through ``run_all`` (preprocessed input kept)."""
+    from nailkit.data.samples import sample_images
+    from nailkit.portable.preprocess import preprocess
+    from nailkit.runtime.compare import run_all
+    from nailkit.runtime.torch_runner import TorchRunner
+
+    runner = TorchRunner(demo_model)
+    img = sample_images(kind="photos")[0]
+    results = run_all({"torch": runner}, [img], progress=False)
+    return runner, preprocess(img, runner.resolution)[0], results
+
+
+def test_torch_runner_records_its_selection_and_forcing_it_is_exact(demo_torch):
+    runner, x, results = demo_torch
+    ref = results["torch"][next(iter(results["torch"]))]
+    raw = ref["raw"]
+    idx, scores = raw.extra["topk_indices"], raw.extra["enc_scores"]
+    assert idx.shape == (1, runner.num_select) and idx.dtype == np.int64 and scores.shape[0] == 1
+    assert np.array_equal(idx[0], np.argsort(-scores[0], kind="stable")[:idx.shape[1]])  # the top-Q, best first
+    again = ref["rerun"](idx)  # run_all's rerun is run_selected on the same input
+    for k in ("boxes", "logits", "masks"):
+        assert np.array_equal(getattr(again, k), getattr(raw, k)), k
+    assert np.array_equal(again.extra["topk_indices"], idx) and np.array_equal(runner.run(x).logits, raw.logits)
+
+
+def test_demo_swap_of_the_two_best_proposals_is_a_tie_an_outsider_differs(demo_torch):
+    from nailkit.runtime.compare import consistency_rows
+    from nailkit.verify.parity import query_matched_diff
+
+    runner, x, results = demo_torch
+    img, ref = next(iter(results["torch"].items()))
+    idx, scores = ref["raw"].extra["topk_indices"], ref["raw"].extra["enc_scores"]
+    swapped, outsider = idx.copy(), idx.copy()
+    swapped[0, [0, 1]] = idx[0, [1, 0]]
+    outsider[0, 0] = int(np.argmin(scores[0]))  # far below the boundary
+    tied = runner.run_selected(x, swapped)
+    assert np.abs(tied.logits - ref["raw"].logits).max() > 1e-2
+    assert query_matched_diff(ref["raw"], tied).logits_max_abs > 1e-2  # not a permutation of the outputs
+    # a backend whose scores rank the second proposal first: off by the two's gap, so within 2 x its error
+    theirs = scores.copy()
+    theirs[0, idx[0, [0, 1]]] = scores[0, idx[0, [1, 0]]]
+    tied.extra["enc_scores"] = theirs
+    far = runner.run_selected(x, outsider)
+    far.extra["enc_scores"] = theirs
+    calls = []
+
+    def rerun(indices):
+        calls.append(indices)
+        return ref["rerun"](indices)
+
+    res = {"torch": {img: {**ref, "rerun": rerun}}, "tie": {img: {"raw": tied, "size": ref["size"]}},
+           "outsider": {img: {"raw": far, "size": ref["size"]}}}
+    by = {r["backend"]: r for r in consistency_rows(res, {"tie": "fp32", "outsider": "fp32"})}
+    assert by["tie"]["selection"] == "tie" and by["tie"]["forced"] and by["tie"]["gate"] == "pass"
+    assert by["tie"]["max_score_diff"] == 0.0 and by["tie"]["max_abs_logit"] == 0.0
+    assert by["tie"]["unforced_max_score_diff"] > 0.0
+    assert by["outsider"]["selection"] == "differs" and not by["outsider"]["forced"] and len(calls) == 1
+    assert by["outsider"]["max_abs_logit"] > 1e-2

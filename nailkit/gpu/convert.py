@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from nailkit.core import artifacts, subproc
 from nailkit.data.samples import sample_images
-from nailkit.gpu.parity import _nhwc, _reference, chain_parity
+from nailkit.gpu.parity import _nhwc, _reference, chain_parity, chain_raw
 from nailkit.gpu.split import DEFAULT_MASK_SLOTS
 from nailkit.model.build import DEFAULT_OUTPUT_DIR, load_model, resolve_checkpoint, validate_resolution
 from nailkit.model.checkpoint import checkpoint_content
@@ -61,9 +61,9 @@ def ensure_gpu_graphs(checkpoint: str | os.PathLike[str] | None, output_dir: str
                  f"{len(oc['risky_constant_ops'])} rank-2 x constant binary ops)"
                  for g, oc in ((g, v["op_check"]) for g, v in summary["graphs"].items()) if not oc["ok"]]
         split = SplitModel(wp, "cpu")
-        raws = [split.raw(x, threshold=-1.0) for x in _nhwc(images, res)]
-        ref, sizes = _reference(rf, images, res)
-        parity = chain_parity(ref, raws, sizes)
+        raws = [chain_raw(split.run(x, threshold=-1.0)) for x in _nhwc(images, res)]
+        ref, sizes, rerun = _reference(rf, images, res)
+        parity = chain_parity(ref, raws, sizes, rerun=rerun)
         fails += gates.check("gpu_target", parity)
         if fails:
             raise ConversionError(f"{gdir}: the GPU graphs FAILED their gate and were not published: "

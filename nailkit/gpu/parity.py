@@ -1,41 +1,73 @@
 """The GPU target's chain parity: the three-graph chain against PyTorch.
 
-* ``chain_parity(ref_raws, raws, sizes)``: detection-level parity of a chain's raws against the one-graph export-mode
-  model (``_reference``), on inputs from ``_nhwc`` (stage ``gpu_target``).
+* ``chain_parity(ref_raws, raws, sizes, rerun=)``: detection-level parity of a chain's raws (``chain_raw``) against the
+  one-graph export-mode model (``_reference``), on inputs from ``_nhwc`` (stage ``gpu_target``); where the chain's
+  host selection differs from PyTorch's only by a near-tie, against PyTorch forced onto the chain's selection.
 * ``forced_chain_parity(graphs, x, chain)``: a chain run on another backend against the PyTorch graphs, each graph fed
   the inputs the backend's chain used, selection-aware (stage ``gpu_chain_forced``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from nailkit.export.variants import torch_raw
 from nailkit.gpu.split import torch_runner
 from nailkit.model.build import export_module
 from nailkit.portable.gpu_chain import GRAPH_OUTPUTS
-from nailkit.portable.postprocess import select_mask_queries, select_proposals, sigmoid
+from nailkit.portable.postprocess import RawOutputs, select_mask_queries, select_proposals, sigmoid
 from nailkit.portable.preprocess import preprocess
 from nailkit.verify.drift import drift_summary
 from nailkit.verify.gates import GATES
-from nailkit.verify.parity import selection_difference
+from nailkit.verify.parity import (raw_with_selection, run_torch_with_selection, selection_difference,
+                                   tie_resolved_reference)
+
+#: ``rerun(i, indices)``: the reference's image ``i`` re-run with its two-stage selection forced to ``indices``
+Rerun = Callable[[int, np.ndarray], RawOutputs]
 
 
-def _reference(rf, images: Sequence[Any], res: int):
-    """PyTorch fp32, the one-graph export-mode model (rfdetr's own ops): raws and original sizes."""
-    return torch_raw(export_module(rf, res), images, res)
+def _reference(rf, images: Sequence[Any], res: int) -> tuple[list[RawOutputs], list[tuple[int, int]], Rerun]:
+    """PyTorch fp32, the one-graph export-mode model (rfdetr's own ops): raws (their two-stage selection in
+    ``extra``), original sizes, and ``rerun(i, indices)`` for ``chain_parity``."""
+    module = export_module(rf, res)
+    pre = [preprocess(im, res) for im in images]
+    xs, sizes = [x for x, _ in pre], [size for _, size in pre]
+
+    def rerun(i: int, indices: Optional[np.ndarray] = None) -> RawOutputs:
+        return raw_with_selection(run_torch_with_selection(module, xs[i], forced_indices=indices))
+
+    return [rerun(i) for i in range(len(xs))], sizes, rerun
 
 
 def _nhwc(images: Sequence[Any], res: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(preprocess(im, res)[0].transpose(0, 2, 3, 1)) for im in images]
 
 
-def chain_parity(ref_raws: Sequence[Any], raws: Sequence[Any], sizes: Sequence[tuple[int, int]]) -> dict[str, Any]:
+def chain_raw(chain: dict[str, Any]) -> RawOutputs:
+    """``run_chain``'s raw with its host selection in ``extra`` as the one-graph files expose theirs: ``topk_indices``
+    [1,Q] and ``enc_scores`` [1,S] (graph A's max class logit per token, what ``select_proposals`` ranks)."""
+    raw = chain["raw"]
+    raw.extra.update(topk_indices=np.asarray(chain["topk_indices"], np.int64).reshape(1, -1),
+                     enc_scores=np.asarray(chain["enc_logits"], np.float32).max(-1))
+    return raw
+
+
+def chain_parity(ref_raws: Sequence[Any], raws: Sequence[Any], sizes: Sequence[tuple[int, int]], *,
+                 rerun: Optional[Rerun] = None) -> dict[str, Any]:
     """Detection-level parity of a chain's raws against the one-graph reference (``verify.drift.drift_summary``: the
-    reference's top-10 detections matched by box IoU; mask IoU at the original image size)."""
-    d = drift_summary(ref_raws, raws, sizes)
+    reference's top-10 detections matched by box IoU; mask IoU at the original image size).
+
+    Where a chain raw (``chain_raw``) and its reference (``_reference``) record their selections and these differ only
+    between near-tied encoder scores (``parity.tie_resolved_reference``), that image compares against
+    ``rerun(i, indices)``: PyTorch forced onto the chain's selection. A real difference compares unforced.
+    ``selection``: the verdict per image (None where a selection is missing)."""
+    pairs = [tie_resolved_reference(ref, raw, None if rerun is None else functools.partial(rerun, i))
+             for i, (ref, raw) in enumerate(zip(ref_raws, raws))]
+    d = drift_summary([p[0] for p in pairs], raws, sizes)
+    d["selection"] = [None if tie is None else tie["selection"] for _, tie in pairs]
+    d["forced_images"] = sum(ref is not p[0] for ref, p in zip(ref_raws, pairs))
     d["matched_frac"] = d["matched"] / d["of"] if d["of"] else None
     d["same_class"] = True  # detection_parity matches within a class only
     return d

@@ -20,7 +20,7 @@ from nailkit.core import subproc
 from nailkit.data.samples import sample_images
 from nailkit.gpu.convert import ensure_gpu_graphs
 from nailkit.gpu.fp16 import activation_maxima
-from nailkit.gpu.parity import _nhwc, _reference, chain_parity
+from nailkit.gpu.parity import _nhwc, _reference, chain_parity, chain_raw
 from nailkit.gpu.patches import gpu_patches
 from nailkit.gpu.split import build_gpu_graphs
 from nailkit.gpu.swiftshader import gpu_env, gpu_unavailable_reason
@@ -41,9 +41,10 @@ def _child_gpu_run(folder: str, enforce_f32: str, in_npz: str, out_npz: str, run
             xs = [z[k] for k in sorted(z.files, key=lambda s: int(s[1:]))]
         for i, x in enumerate(xs):
             for _ in range(max(1, int(runs))):
-                raw = m.raw(x, threshold=-1.0)
+                raw = chain_raw(m.run(x, threshold=-1.0))
             arrays[f"boxes{i}"], arrays[f"logits{i}"] = raw.boxes, raw.logits
             arrays[f"masks{i}"], arrays[f"q{i}"] = raw.masks, raw.mask_queries
+            arrays[f"sel{i}"], arrays[f"enc{i}"] = raw.extra["topk_indices"], raw.extra["enc_scores"]
         np.savez(out_npz, **arrays)
         res["run_ms"] = {g: float(np.median(v)) for g, v in m.timings_ms.items()}
     except Exception as exc:  # noqa: BLE001 - reported to the parent
@@ -55,8 +56,8 @@ def run_on_gpu(folder: str | os.PathLike[str], images_nhwc: Sequence[np.ndarray]
                runs: int = 1, timeout: float = 1200) -> dict[str, Any]:
     """The chain under LiteRT's GPU accelerator alone (``nailkit.gpu.swiftshader.gpu_env``: SwiftShader's Vulkan
     driver, a private XDG_RUNTIME_DIR) in a child process. Returns the child's record (compiled, fully_accelerated per graph,
-    compile_s, median run_ms per graph, error) with ``raws`` (``RawOutputs`` per image) or ``reason`` when the
-    driver is missing here."""
+    compile_s, median run_ms per graph, error) with ``raws`` (``RawOutputs`` per image, the chain's host selection in
+    ``extra``: ``parity.chain_raw``) or ``reason`` when the driver is missing here."""
     import tempfile
 
     why = gpu_unavailable_reason()
@@ -78,7 +79,9 @@ def run_on_gpu(folder: str | os.PathLike[str], images_nhwc: Sequence[np.ndarray]
         if rec.get("compiled") and not rec.get("error"):
             with np.load(out_npz) as z:
                 rec["raws"] = [RawOutputs(boxes=z[f"boxes{i}"], logits=z[f"logits{i}"], masks=z[f"masks{i}"],
-                                          mask_queries=z[f"q{i}"]) for i in range(len(images_nhwc))]
+                                          mask_queries=z[f"q{i}"],
+                                          extra={"topk_indices": z[f"sel{i}"], "enc_scores": z[f"enc{i}"]})
+                               for i in range(len(images_nhwc))]
     return rec
 
 
@@ -96,7 +99,7 @@ def verify_gpu_graphs(checkpoint: str | os.PathLike[str] | None, output_dir: str
     res = int(meta["resolution"])
     images = list(images) if images is not None else sample_images("all")
     rf = load_model(meta["checkpoint"], output_dir=output_dir)
-    ref, sizes = _reference(rf, images, res)
+    ref, sizes, rerun = _reference(rf, images, res)
     xs = _nhwc(images, res)
     out: dict[str, Any] = {"dir": str(art["dir"]), "images": len(images), "resolution": res,
                            "op_check": {g: {k: s["op_check"][k] for k in ("n_ops", "ok", "banned", "over_4d_count",
@@ -118,7 +121,7 @@ def verify_gpu_graphs(checkpoint: str | os.PathLike[str] | None, output_dir: str
         else:
             if not all(fa.get(g) for g in GRAPH_NAMES):
                 out["failures"].append(f"{mode}: not fully accelerated: {fa}")
-            row["parity"] = chain_parity(ref[:gpu_images], rec["raws"], sizes[:gpu_images])
+            row["parity"] = chain_parity(ref[:gpu_images], rec["raws"], sizes[:gpu_images], rerun=rerun)
             out["failures"] += [f"{mode}: {f}" for f in gates.check("gpu_target", row["parity"])]
         out[mode] = row
     return out

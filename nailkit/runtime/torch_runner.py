@@ -4,6 +4,11 @@ Eager = nailkit's export-mode module (``nailkit.model.build.export_module``: rfd
 position embeddings). ``traced=True`` is rfdetr's ``RFDETR.inference(compile=True)`` path (``torch.jit.trace`` of the
 deployment-mode network, which runs on CPU); at a resolution other than the model's, the export-mode module is traced
 instead. torch is imported inside the class, so importing this module is cheap.
+
+The eager runner records its two-stage selection like the converted files expose it (``raw.extra``: ``enc_scores``
+[1,S], the encoder's max class logit per token, and ``topk_indices`` [1,Q], through
+``nailkit.verify.parity.run_torch_with_selection``), and ``run_selected(x, indices)`` re-runs it on another backend's
+selection.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from typing import Any, Optional
 import numpy as np
 
 from nailkit.model.build import export_module, export_options, export_suffix, validate_resolution
+from nailkit.portable.postprocess import RawOutputs
 from nailkit.runtime.base import DEFAULT_NUM_SELECT, Runner
+from nailkit.verify.parity import run_torch_with_selection, SELECTION_OUTPUT_NAMES
 
 
 class TorchRunner(Runner):
@@ -40,9 +47,11 @@ class TorchRunner(Runner):
         self.path = Path(checkpoint) if checkpoint else None
         self.class_names = list(rf.class_names)
         self.num_select = int(getattr(rf.model.postprocess, "num_select", DEFAULT_NUM_SELECT))
+        self._forced: Optional[np.ndarray] = None
         with self._threads():
             if not traced:
                 self.module = export_module(rf, self.resolution, **self.options)
+                self.output_names = list(self.module.output_names) + list(SELECTION_OUTPUT_NAMES)
                 self.how = "nailkit.model.build.export_module (rfdetr prepare_export_graph, eager)"
             elif (not self.options and self.resolution == int(rf.model.resolution)
                   and not getattr(rf, "_is_optimized_for_inference", False)):
@@ -84,10 +93,25 @@ class TorchRunner(Runner):
 
         return ctx()
 
+    def run_selected(self, x: np.ndarray, indices: np.ndarray) -> RawOutputs:
+        """``run`` with the two-stage selection forced to ``indices`` ([Q] or [1,Q]: e.g. another backend's
+        ``raw.extra["topk_indices"]``), so each selected proposal gets the content query of its rank there. Eager
+        only; given this runner's own selection, bit-identical to ``run``."""
+        if self.traced:
+            raise ValueError(f"{self.name}: a traced module cannot be run on a forced selection; use the eager runner")
+        self._forced = np.asarray(indices, dtype=np.int64).reshape(1, -1)
+        try:
+            return self.run(x)
+        finally:
+            self._forced = None
+
     def _forward(self, x: np.ndarray) -> list[np.ndarray]:
         import torch
 
         with self._threads(), torch.inference_mode():
+            if not self.traced:
+                out = run_torch_with_selection(self.module, x, forced_indices=self._forced)
+                return [out[n] for n in self.output_names]
             out = self.module(torch.from_numpy(x))
         if isinstance(out, dict):
             out = [v for k, v in out.items() if k in ("pred_boxes", "pred_logits", "pred_masks")]

@@ -493,3 +493,62 @@ def error_summary(ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]
     if qm.per_query_mask_abs is not None:
         out["masks_qm_mean"] = float(np.mean(qm.per_query_mask_abs))
     return out
+
+
+# ================================================================================================================
+# Near-tied selections in the detection-level comparisons (runtime.compare.consistency_rows, gpu.parity.chain_parity)
+# ================================================================================================================
+#
+# Each selected proposal gets the content query of its rank, so a near-tie resolved the other way changes those
+# queries' detections (no permutation pairs them). A comparison whose two selections differ only by such a tie is made
+# against the reference re-run on the other run's selection instead (``tie_resolved_reference``).
+
+from typing import Callable as _Callable
+
+
+def selection_tie(ref_scores: np.ndarray, ref_idx: Any, other_idx: Any, *, score_error: float = 0.0,
+                  tie_eps: float = TIE_EPS) -> dict[str, Any]:
+    """``selection_difference`` with a verdict: ``selection`` is "same" (same indices in the same order), "tie" (every
+    differing position holds two indices whose reference scores are closer than ``bound`` = max(``tie_eps``,
+    2 × ``score_error``), the other run's measured encoder-score error: two scores each off by up to that can swap) or
+    "differs"; ``gap`` is the largest score difference at a differing position (inf for selections of another
+    length)."""
+    d = selection_difference(ref_scores, ref_idx, other_idx)
+    bound = max(float(tie_eps), 2.0 * float(score_error))
+    verdict = "same" if d["same_order"] else "tie" if d["swap_max_gap"] < bound else "differs"
+    return {**d, "selection": verdict, "gap": d["swap_max_gap"], "bound": bound, "score_error": float(score_error)}
+
+
+def raw_selection_tie(ref: RawOutputs, other: RawOutputs, *, tie_eps: float = TIE_EPS) -> Optional[dict[str, Any]]:
+    """``selection_tie`` of two runs' recorded selections (``raw.extra``: ``topk_indices``, ``enc_scores``), with the
+    score error measured between their encoder scores (0 when ``other`` records none). None when either run records
+    no selection, or the two score other token grids (another resolution): nothing to compare."""
+    if "topk_indices" not in other.extra or not set(SELECTION_OUTPUT_NAMES) <= set(ref.extra):
+        return None
+    scores = np.asarray(ref.extra["enc_scores"], np.float64).ravel()
+    theirs = other.extra.get("enc_scores")
+    if theirs is not None and np.size(theirs) != scores.size:
+        return None
+    err = 0.0 if theirs is None else float(np.abs(np.asarray(theirs, np.float64).ravel() - scores).max())
+    return selection_tie(scores, ref.extra["topk_indices"], other.extra["topk_indices"], score_error=err,
+                         tie_eps=tie_eps)
+
+
+def tie_resolved_reference(ref: RawOutputs, other: RawOutputs,
+                           rerun: Optional[_Callable[[np.ndarray], RawOutputs]], *, tie_eps: float = TIE_EPS
+                           ) -> tuple[RawOutputs, Optional[dict[str, Any]]]:
+    """The reference to compare ``other`` with, and the verdict (``raw_selection_tie``; None: no selection recorded).
+    On a "tie" it is ``rerun(indices)``, the reference re-run with its selection forced to ``other``'s
+    (``TorchRunner.run_selected``); otherwise (and without ``rerun``) ``ref`` itself."""
+    tie = raw_selection_tie(ref, other, tie_eps=tie_eps)
+    if rerun is None or tie is None or tie["selection"] != "tie":
+        return ref, tie
+    return rerun(np.asarray(other.extra["topk_indices"])), tie
+
+
+def raw_with_selection(outputs: Mapping[str, np.ndarray]) -> RawOutputs:
+    """``raw_from_outputs`` of ``run_torch_with_selection``'s result, its selection (``enc_scores`` [1,S],
+    ``topk_indices`` [1,Q]) in ``extra`` as the converted files expose it."""
+    raw = raw_from_outputs(outputs)
+    raw.extra.update({k: np.asarray(outputs[k]) for k in SELECTION_OUTPUT_NAMES})
+    return raw
