@@ -17,16 +17,17 @@ export HF_HUB_OFFLINE := 1
 # done when both are present. Without root/apt the step only warns, and the GPU tests skip with a one-line reason.
 SWIFTSHADER_ICD := /usr/lib/chromium/vk_swiftshader_icd.json
 
-$(STAMP): pyproject.toml constraints.txt tools/find_python.sh
+$(STAMP): pyproject.toml constraints.txt constraints-frozen.txt tools/find_python.sh
 	@test -n "$(PYTHON)" || { echo "No Python 3.12 found (set PYTHON=...)"; exit 1; }
 	@echo ">> using $(PYTHON)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" wheel
 	# 1) nailkit with everything except the two packages whose metadata pins clash (see constraints.txt).
-	$(PY) -m pip install -c constraints.txt -e .
+	# constraints-frozen.txt: every transitive package at the version the suite passed with (see its header).
+	$(PY) -m pip install -c constraints.txt -c constraints-frozen.txt -e .
 	# 2) onnx2tf (pins ai-edge-litert==2.1.2 exactly; litert-torch needs 2.3) and onnxsim 0.6.5
 	#    (onnx2tf 2.6.9's own pin) without their metadata deps; their real deps are in pyproject.
-	$(PY) -m pip install -c constraints.txt --no-deps onnx2tf onnxsim
+	$(PY) -m pip install -c constraints.txt -c constraints-frozen.txt --no-deps onnx2tf onnxsim
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (nailkit)"
 	touch $(STAMP)
 

@@ -57,6 +57,18 @@ def test_environment_yml_matches_constraints():
     assert f"onnx2tf=={CONSTRAINTS['onnx2tf']}" in text and f"onnxsim=={CONSTRAINTS['onnxsim']}" in text
 
 
+def test_frozen_constraints_add_packages_and_agree_with_the_venv():
+    """constraints-frozen.txt freezes what the direct pins pull in: it names no package constraints.txt pins (one
+    place per pin), and the venv that runs these tests holds exactly its versions."""
+    frozen = _pins((REPO / "constraints-frozen.txt").read_text().splitlines())
+    assert len(frozen) > 100 and not set(frozen) & set(CONSTRAINTS)
+    for name in ("jax", "jaxlib"):
+        assert name in CONSTRAINTS and name not in frozen
+    installed = envcheck.installed_versions(list(frozen))
+    wrong = {n: (v, installed[n]) for n, v in frozen.items() if installed.get(n) != v}
+    assert not wrong, f"venv differs from constraints-frozen.txt (pinned, installed): {wrong}"
+
+
 def test_pyproject_pins_agree_with_constraints():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for name, version in _pins(deps).items():
@@ -65,7 +77,8 @@ def test_pyproject_pins_agree_with_constraints():
 
 
 @pytest.mark.parametrize("name", ["rfdetr", "torch", "torchvision", "onnx", "onnxruntime", "onnxslim", "onnx2tf",
-                                  "onnxsim", "tensorflow", "ai-edge-litert", "litert-torch", "numpy", "supervision"])
+                                  "onnxsim", "tensorflow", "ai-edge-litert", "litert-torch", "numpy", "supervision",
+                                  "jax", "jaxlib"])
 def test_installed_versions_are_the_pinned_ones(name):
     assert envcheck.installed_versions([name])[name] == CONSTRAINTS[name]
 
