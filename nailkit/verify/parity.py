@@ -14,7 +14,7 @@ Other stages append their own helpers (selection-aware parity, rounding controls
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -503,8 +503,6 @@ def error_summary(ref: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]
 # queries' detections (no permutation pairs them). A comparison whose two selections differ only by such a tie is made
 # against the reference re-run on the other run's selection instead (``tie_resolved_reference``).
 
-from typing import Callable as _Callable
-
 
 def selection_tie(ref_scores: np.ndarray, ref_idx: Any, other_idx: Any, *, score_error: float = 0.0,
                   tie_eps: float = TIE_EPS) -> dict[str, Any]:
@@ -535,7 +533,7 @@ def raw_selection_tie(ref: RawOutputs, other: RawOutputs, *, tie_eps: float = TI
 
 
 def tie_resolved_reference(ref: RawOutputs, other: RawOutputs,
-                           rerun: Optional[_Callable[[np.ndarray], RawOutputs]], *, tie_eps: float = TIE_EPS
+                           rerun: Optional[Callable[[np.ndarray], RawOutputs]], *, tie_eps: float = TIE_EPS
                            ) -> tuple[RawOutputs, Optional[dict[str, Any]]]:
     """The reference to compare ``other`` with, and the verdict (``raw_selection_tie``; None: no selection recorded).
     On a "tie" it is ``rerun(indices)``, the reference re-run with its selection forced to ``other``'s
