@@ -141,7 +141,7 @@ def _git_repo(tmp_path):
     run = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, env=env)  # noqa
     run("init", "-q")
     (repo / ".gitignore").write_text("*.pth\n!data/models/*.pth\nbuild/\n")
-    _blob(repo / "data" / "models" / "nails_seg_preview.pth", 3 << 20)
+    _blob(repo / TRACKED_MODEL, 3 << 20)
     (repo / "code.py").write_text("x = 1\n")
     run("add", ".")
     run("commit", "-q", "-m", "init")
@@ -157,9 +157,9 @@ def test_transfer_size_and_untrack_restore(tmp_path):
     total = check_transfer(repo)
     assert total == sum(s for _, s in transfer_files(repo)) and total > 4 << 20  # model + wheels.whl + text
     assert check_transfer(repo, carry=["build"]) == total + (2 << 20)
-    with pytest.raises(GpuTransferError, match=r"over the 4 MiB limit; largest: data/models/nails_seg_preview.pth"):
+    with pytest.raises(GpuTransferError, match=r"over the 4 MiB limit; largest: data/models/nails_seg_preview_v2.pth"):
         check_transfer(repo, limit=4 << 20)
-    (repo / "data" / "models" / "nails_seg_preview.pth").write_bytes(b"changed, not staged")  # someone's edit
+    (repo / TRACKED_MODEL).write_bytes(b"changed, not staged")  # someone's edit
     before = subprocess.run(["git", "-C", str(repo), "ls-files", "-s"], capture_output=True, text=True).stdout
     with untracked_for_call(repo) as entries:
         assert [e["path"] for e in entries] == [TRACKED_MODEL]
@@ -173,7 +173,7 @@ def test_transfer_size_and_untrack_restore(tmp_path):
     after = subprocess.run(["git", "-C", str(repo), "ls-files", "-s"], capture_output=True, text=True).stdout
     assert after == before  # the exact index entry, not the changed file
     assert not (repo / "data" / "models" / ".gitignore").exists()  # the call's own .gitignore is gone again
-    assert (repo / "data" / "models" / "nails_seg_preview.pth").read_bytes() == b"changed, not staged"
+    assert (repo / TRACKED_MODEL).read_bytes() == b"changed, not staged"
     assert restore(repo) == []  # nothing pending
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from nailkit.cli import main
+from nailkit.model.build import TRAINED_DEMO
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,7 +147,7 @@ def _coco(tmp_path: Path, images=None, annotations=None, categories=None, name="
 
 
 def test_model_card_refuses_the_shipped_card_and_an_empty_split(tmp_path, capsys):
-    shipped = REPO / "data" / "models" / "nails_seg_preview.pth"
+    shipped = TRAINED_DEMO
     card = shipped.with_suffix(".card.json")
     if not card.exists():
         pytest.skip("no shipped card")
@@ -286,7 +287,7 @@ def test_bad_input_table_one_line_each(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------------------------
 
 def test_12_megapixel_predict_and_evaluate_memory_is_bounded(tmp_path):
-    ckpt = REPO / "data" / "models" / "nails_seg_preview.pth"
+    ckpt = TRAINED_DEMO
     if not ckpt.exists():
         pytest.skip("no trained demo model")
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -82,8 +82,9 @@ def make_demo_checkpoint(path: str | os.PathLike[str], seed: int = DEMO_SEED) ->
     return atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
 
 
-#: The trained demo nail model (fp32, committed once) and the default of every notebook and CLI example.
-TRAINED_DEMO = SHIPPED_MODELS / "nails_seg_preview.pth"
+#: The trained demo nail model (fp32, deflated zip members) and the default of every notebook and CLI example.
+#: ``nails_seg_preview.pth`` beside it is the superseded 2026-11-26 version (see README: the demo model).
+TRAINED_DEMO = SHIPPED_MODELS / "nails_seg_preview_v2.pth"
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | Checkpoint | None,

@@ -114,12 +114,12 @@ def render_card(card: dict[str, Any]) -> str:
                   + ".", ""]
     if card["quality_bar_failures"]:
         lines += ["**Falls short of the quality bar**: " + "; ".join(card["quality_bar_failures"]) + ".", "",
-                  *render_continuation(t, card.get("work_dir"))]
+                  *render_continuation(t, card.get("work_dir"), card["checkpoint"])]
     else:
         lines += ["**Meets the quality bar** on both splits.", ""]
     if card.get("recipe_study"):
         lines += render_recipe_study(card["recipe_study"])
-    lines += ["Regenerate this card: `python -m nailkit model-card data/models/nails_seg_preview.pth --dataset DIR "
+    lines += [f"Regenerate this card: `python -m nailkit model-card data/models/{card['checkpoint']} --dataset DIR "
               "--unseen-dataset DIR7 --force` (`DIR`: `make-dataset --seed 0`, `DIR7`: `make-dataset --seed 7`; "
               "`--force`: it replaces the shipped card).",
               ""]
@@ -191,7 +191,8 @@ def render_metrics(card: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def render_continuation(t: dict[str, Any], work_dir: str | None = None) -> list[str]:
+def render_continuation(t: dict[str, Any], work_dir: str | None = None,
+                        name: str = "nails_seg_preview.pth") -> list[str]:
     """How to train these weights further: the last run's recipe, resumed where its state is (``work_dir``, else a
     placeholder), else started afresh from the committed file; its measured effect from the validation timeline."""
     last = (t.get("sessions") or [{}])[-1].get("recipe") or {}
@@ -210,11 +211,11 @@ def render_continuation(t: dict[str, Any], work_dir: str | None = None) -> list[
     return lines + ["", "```bash",
                     "python -m nailkit make-dataset ~/.cache/nailkit/nails-seed0-v2 --seed 0   # if absent",
                     "nice -n 19 python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0-v2 \\",
-                    f"    --out nails_seg_preview.pth --resume {work_dir or 'WORK_DIR'} "
+                    f"    --out {name} --resume {work_dir or 'WORK_DIR'} "
                     f"--work-dir {work_dir or 'WORK_DIR'} --minutes 600 \\",
                     f"    {flags}   # the run's folder is still here",
                     "nice -n 19 python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0-v2 \\",
-                    "    --out nails_seg_preview.pth --init-from data/models/nails_seg_preview.pth \\",
+                    f"    --out {name} --init-from data/models/{name} \\",
                     "    --work-dir ~/.cache/nailkit/train-demo-next --minutes 600 \\",
                     f"    {flags}   # a fresh machine",
                     "```", ""]
