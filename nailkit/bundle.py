@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -34,18 +35,19 @@ from nailkit.core.outdir import check_output_folder, MARKER, read_marker
 from nailkit.core.paths import PORTABLE_DIR
 from nailkit.core.validate import KNOWN_PRECISIONS
 from nailkit.data.samples import sample_images
-from nailkit.export.variants import torch_raw
-from nailkit.model.build import DEFAULT_OUTPUT_DIR, export_module, load_model, resolve_checkpoint
+from nailkit.model.build import DEFAULT_OUTPUT_DIR, load_model, resolve_checkpoint
 from nailkit.model.checkpoint import Checkpoint
 from nailkit.portable.gpu_chain import GRAPH_NAMES, SplitModel
 from nailkit.portable.io_contract import check_tflite_file, OUTPUT_MEANINGS, POSTPROCESS_STEPS, TFLiteModel
-from nailkit.portable.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from nailkit.portable.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from nailkit.report.bundle_readme import gpu_readme, readme
 from nailkit.runtime.runners import make_runner
+from nailkit.runtime.torch_runner import TorchRunner
 from nailkit.tflite import metadata as tm
 from nailkit.tflite.convert import delegation_report, ensure_tflite
 from nailkit.tflite.options import default_path, DEFAULT_PATH_WHY
 from nailkit.verify.drift import drift_summary
+from nailkit.verify.parity import tie_resolved_reference
 
 MODEL_FILE = "model.tflite"
 #: files copied verbatim into every bundle (nailkit/portable/: numpy-only, flat imports inside a bundle)
@@ -76,14 +78,30 @@ def tflite_raw(path: str | os.PathLike[str], images: Sequence[Any], threads: Opt
 
 
 def measure_parity(tflite_path: str | os.PathLike[str], rf, images: Sequence[Any]) -> dict[str, Any]:
-    """The bundle's .tflite vs PyTorch fp32 (export-mode module) on ``images``: detection-level top-10 matched by IoU
-    (``nailkit.verify.drift.drift_summary``)."""
+    """The bundle's .tflite vs PyTorch fp32 (export-mode module, ``TorchRunner``) on ``images``: detection-level top-10
+    matched by IoU (``nailkit.verify.drift.drift_summary``).
+
+    Selection-aware like the consistency rows (``nailkit.verify.parity.tie_resolved_reference``): on an image where the
+    .tflite's two-stage selection differs from PyTorch's only between near-tied encoder scores, it is compared with
+    PyTorch re-run on the .tflite's selection. ``selection`` gives each image's verdict ("same", "tie", "differs", or
+    None when the file exposes no selection); ``unforced`` keeps the plain comparison when any image was a tie."""
     raws, sizes, runner = tflite_raw(tflite_path, images)
-    mod = export_module(rf, runner.resolution)
-    ref, _ = torch_raw(mod, images, runner.resolution)
-    d = drift_summary(ref, raws, sizes)
+    torch_runner = TorchRunner(rf, runner.resolution)
+    plain, resolved, selection = [], [], []
+    for im, raw in zip(images, raws):
+        x, _ = preprocess(im, runner.resolution)
+        ref = torch_runner.run(x)
+        forced, tie = tie_resolved_reference(ref, raw, functools.partial(torch_runner.run_selected, x))
+        plain.append(ref)
+        resolved.append(forced)
+        selection.append(tie["selection"] if tie else None)
+    d = drift_summary(resolved, raws, sizes)
+    d["selection"] = dict(zip((Path(str(i)).name for i in images), selection))
+    if "tie" in selection:
+        d["unforced"] = drift_summary(plain, raws, sizes)
     d["images_used"] = [Path(str(i)).name for i in images]
-    d["reference"] = "PyTorch fp32 export-mode module (nailkit.model.build.export_module)"
+    d["reference"] = ("PyTorch fp32 export-mode module (nailkit.runtime.torch_runner.TorchRunner); on a near-tied "
+                      "selection, re-run on the .tflite's selection")
     return d
 
 
@@ -428,7 +446,9 @@ def cli_bundle(args) -> int:
         print(gc if isinstance(gc, str) else (gc.get("skipped") or f"GPU delegate: failures {gc['failures'] or 'none'}"))
         return 0
     par = card["parity"]
-    print(f"parity vs PyTorch: {par['matched']}/{par['of']} top-10 matched, min mask IoU {par['min_mask_iou']}")
+    ties = sorted(k for k, v in (par.get("selection") or {}).items() if v == "tie")
+    print(f"parity vs PyTorch: {par['matched']}/{par['of']} top-10 matched, min mask IoU {par['min_mask_iou']}"
+          + (f" (near-tied selection on {', '.join(ties)}: compared on the .tflite's selection)" if ties else ""))
     for t, v in card["latency"]["by_threads"].items():
         print(f"latency {t} thread(s): {v['median_ms']:.1f} ms median")
     return 0

@@ -264,3 +264,57 @@ def test_gpu_bundle_runs_with_only_numpy_pillow_litert(gpu_built, tmp_path):
     guided = run_isolated(gpu_built, tmp_path, photo, "--threshold", "0.1", "--mask-upsample", "guided")
     assert [(d["query_index"], d["xyxy"]) for d in guided] == [(d["query_index"], d["xyxy"]) for d in got]
     assert any(d["mask_area"] != g["mask_area"] for d, g in zip(guided, got))
+
+
+def test_measure_parity_compares_a_near_tied_selection_on_the_files_selection(monkeypatch):
+    """The bundle's parity: on an image whose .tflite selection differs from PyTorch's only between near-tied encoder
+    scores, the numbers are against PyTorch re-run on the .tflite's selection, and the plain comparison is kept."""
+    from nailkit.portable.postprocess import RawOutputs
+    from nailkit.report.bundle_readme import _ties
+
+    scores = np.array([[6.0, 5.0, 4.0, 3.0, 3.0 - 1e-6, 1.0]], np.float32)
+
+    def raw(idx, seed):
+        rng = np.random.default_rng(seed)
+        q = len(idx)
+        boxes = np.concatenate([rng.uniform(0.2, 0.8, (q, 2)), rng.uniform(0.05, 0.3, (q, 2))], 1)
+        r = RawOutputs(boxes=boxes, logits=rng.normal(0, 2, (q, 2)), masks=rng.normal(0, 1, (q, 8, 8)))
+        r.extra.update(topk_indices=np.asarray(idx, np.int64)[None], enc_scores=scores)
+        return r
+
+    torch_sel, tied, apart = [0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 2, 5]
+    file_raws = {"a.jpg": raw(torch_sel, 1), "b.jpg": raw(tied, 2), "c.jpg": raw(apart, 3)}
+    forced_calls = []
+
+    class FakeTorch:
+        def __init__(self, rf, resolution):
+            self.image = None
+
+        def run(self, x):
+            name = ["a.jpg", "b.jpg", "c.jpg"][int(x.flat[0])]
+            self.image = name
+            return raw(torch_sel, 1) if name == "a.jpg" else raw(torch_sel, 9)  # b, c: other detections
+
+        def run_selected(self, x, indices):
+            forced_calls.append((self.image, np.asarray(indices).ravel().tolist()))
+            return raw(tied, 2)  # on the file's selection PyTorch gives the file's detections
+
+    class FakeRunner:
+        resolution = 4
+
+    images = ["a.jpg", "b.jpg", "c.jpg"]
+    monkeypatch.setattr(bundle, "tflite_raw", lambda path, ims: ([file_raws[i] for i in ims], [(40, 40)] * 3,
+                                                                FakeRunner()))
+    monkeypatch.setattr(bundle, "TorchRunner", FakeTorch)
+    monkeypatch.setattr(bundle, "preprocess", lambda im, res: (np.full((1, 3, res, res), images.index(im),
+                                                                       np.float32), (40, 40)))
+    d = bundle.measure_parity("m.tflite", rf=None, images=images)
+    assert d["selection"] == {"a.jpg": "same", "b.jpg": "tie", "c.jpg": "differs"}
+    assert forced_calls == [("b.jpg", tied)]  # only the tie is re-run, on the file's selection
+    # a and b agree (b through the forced run), c does not: 20 of its 30 top detections are a's and b's
+    forced_only = bundle.drift_summary([file_raws["a.jpg"], file_raws["b.jpg"]], [file_raws["a.jpg"],
+                                       file_raws["b.jpg"]], [(40, 40)] * 2)
+    assert forced_only["matched"] == forced_only["of"] and d["matched"] < d["of"]
+    assert d["unforced"]["matched"] < d["matched"]  # plainly, b would not have matched either
+    assert "b.jpg" in _ties(d) and str(d["unforced"]["matched"]) in _ties(d)
+    assert _ties({"selection": {"a.jpg": "same"}}) == ""

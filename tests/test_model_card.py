@@ -5,6 +5,7 @@ go on, taken from the record), and the overlay picture (notebook 05's view) draw
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from nailkit.data import synthetic_dataset as D
 from nailkit.portable.postprocess import Prediction
-from nailkit.train.card import render_card
+from nailkit.train.card import home_relative, render_card
 from nailkit.train.card_overlays import card_image_rows, write_card_overlays
 from nailkit.train.lineage import training_runs
 
@@ -85,6 +86,10 @@ def test_card_renders_every_run_both_splits_and_how_to_go_on():
     assert "--resume WORK_DIR --work-dir WORK_DIR" in md  # no folder recorded: a placeholder
     named = render_card({**_card(["x"], ["y"]), "work_dir": "/runs/s6"})
     assert "--resume /runs/s6 --work-dir /runs/s6 --minutes 600" in named and "WORK_DIR" not in named
+    home = os.path.expanduser("~")
+    at_home = render_card({**_card(["x"], ["y"]), "work_dir": os.path.join(home, ".cache", "nailkit", "s7")})
+    assert "--resume ~/.cache/nailkit/s7 --work-dir ~/.cache/nailkit/s7 " in at_home and home + os.sep not in at_home
+    assert home_relative(home + "x/run") == home + "x/run"  # a sibling folder whose name starts like home's is not home
     ok = render_card(_card([], []))
     assert "**Meets the quality bar** on both splits." in ok and "train-demo" not in ok.split("## Metrics")[1]
 

@@ -7,6 +7,17 @@ from __future__ import annotations
 from typing import Any
 
 
+def _ties(par: dict[str, Any]) -> str:
+    """The parity line's note on images whose two-stage selection was a near-tie (``bundle.measure_parity``)."""
+    ties = sorted(k for k, v in (par.get("selection") or {}).items() if v == "tie")
+    if not ties:
+        return ""
+    un = par.get("unforced") or {}
+    return (f"\n  On {', '.join(ties)} the two selections differ only between near-tied encoder scores, so those "
+            f"images were compared with PyTorch re-run on the model's selection; compared plainly: "
+            f"{un.get('matched')}/{un.get('of')} matched, min mask IoU {un.get('min_mask_iou')}.")
+
+
 def readme(card: dict[str, Any]) -> str:
     inp = card["input"]
     lat = card["latency"]
@@ -55,7 +66,7 @@ mask threshold = {card['postprocess']['mask_threshold']} (on logits). {card['pos
 ## Measured
 - Parity vs PyTorch fp32 on {par['images']} images: {par['matched']}/{par['of']} of the top-10 detections matched by
   IoU; min mask IoU {par['min_mask_iou'] if par['min_mask_iou'] is None else round(par['min_mask_iou'], 4)};
-  max box difference {par['max_box_l1_px']:.2f} px; max score difference {par['max_score_diff']:.2g}.
+  max box difference {par['max_box_l1_px']:.2f} px; max score difference {par['max_score_diff']:.2g}.{_ties(par)}
 - Latency on {lat['cpu']} ({lat['cpu_count']} cores; load average {lat['loadavg_1m']:.1f} while measuring),
   XNNPACK, batch 1, {lat['runs']} runs:
 {lat_lines}

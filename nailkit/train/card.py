@@ -191,11 +191,18 @@ def render_metrics(card: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def home_relative(path: str | os.PathLike[str]) -> str:
+    """``path`` with the user's home folder written as ``~``, so a card's commands read the same on every machine."""
+    path, home = str(path), os.path.expanduser("~")
+    return "~" + path[len(home):] if path == home or path.startswith(home.rstrip(os.sep) + os.sep) else path
+
+
 def render_continuation(t: dict[str, Any], work_dir: str | None = None,
                         name: str = "nails_seg_preview.pth") -> list[str]:
     """How to train these weights further: the last run's recipe, resumed where its state is (``work_dir``, else a
     placeholder), else started afresh from the committed file; its measured effect from the validation timeline."""
     last = (t.get("sessions") or [{}])[-1].get("recipe") or {}
+    work_dir = home_relative(work_dir) if work_dir else None
     tl = [r for r in t.get("validation_timeline", []) if r.get("mask_map50") is not None]
     flags = (f"--layer-decay {last.get('layer_decay', 1.0)} --component-decay {last.get('component_decay', 1.0)} "
              f"--batch-size {last.get('batch_size', t.get('batch_size'))} --batches-per-epoch "
