@@ -140,3 +140,41 @@ def test_passes_are_harmless_on_the_real_model(demo_ckpt, outputs_dir):
     for name, want in ref.items():
         np.testing.assert_allclose(out[name], want, atol=1e-5, rtol=0, err_msg=name)
     assert out["enc_scores"].shape == (1, (432 // 12) ** 2) and out["topk_indices"].shape == (1, 200)
+
+
+def test_selection_view_is_the_same_graph_with_the_selection_exposed_and_cached(tmp_path):
+    from nailkit.core import artifacts
+    from nailkit.export.onnx import ensure_selection_view
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 50])
+    k = numpy_helper.from_array(np.array([5], np.int64), "k")
+    nodes = [helper.make_node("TopK", ["input", "k"], ["v", "i"]), helper.make_node("Mul", ["v", "v"], ["out"])]
+    g = helper.make_graph(nodes, "t", [x], [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5])], [k])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = tmp_path / "model.onnx"
+    onnx.save(m, str(src))
+    artifacts.write_sidecar(src, {"class_names": ["Nail"], "verified": True, "parity": {"x": 1}})
+    path, meta = ensure_selection_view(src)
+    assert path == tmp_path / "model_selection.onnx" and meta["source_onnx"] == str(src)
+    assert meta["class_names"] == ["Nail"] and meta["verified"] is True and "parity" not in meta
+    view = onnx.load(str(path))
+    assert [o.name for o in view.graph.output] == ["out", "enc_scores", "topk_indices"]
+    assert [n.op_type for n in view.graph.node] == [n.op_type for n in m.graph.node] + ["Identity", "Identity"]
+    feed = {"input": np.random.default_rng(1).normal(size=(1, 50)).astype(np.float32)}
+    np.testing.assert_array_equal(ort_outputs(view, feed)["out"], ort_outputs(m, feed)["out"])
+    mtime = path.stat().st_mtime_ns
+    assert ensure_selection_view(src).path.stat().st_mtime_ns == mtime  # cached: not rewritten
+    m.graph.node[1].op_type = "Add"  # another source file: a new view
+    onnx.save(m, str(src))
+    path2, _ = ensure_selection_view(src)
+    assert [n.op_type for n in onnx.load(str(path2)).graph.node][1] == "Add"
+    bare = tmp_path / "det.onnx"
+    g2 = helper.make_graph([helper.make_node("Relu", ["input"], ["out"])], "t", [x],
+                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 50])])
+    onnx.save(helper.make_model(g2, opset_imports=[helper.make_opsetid("", 17)]), str(bare))
+    with pytest.raises(ValueError, match="det.onnx: cannot expose the two-stage selection"):
+        ensure_selection_view(bare)
+    assert not (tmp_path / "det_selection.onnx").exists()
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        ensure_selection_view(tmp_path / "nope.onnx")

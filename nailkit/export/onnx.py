@@ -364,6 +364,39 @@ def ensure_onnx(checkpoint: str | os.PathLike[str] | None, output_dir: str | os.
     return art
 
 
+def ensure_selection_view(onnx_path: str | os.PathLike[str]) -> artifacts.Artifact:
+    """The ONNX file at ``onnx_path`` (e.g. ``ensure_onnx``'s) with its two-stage selection exposed as two more outputs
+    (``nailkit.export.onnx_passes.expose_selection``: the one TopK's input scores ``enc_scores`` and its indices
+    ``topk_indices``), written beside it as ``<stem>_selection.onnx``; the graph is otherwise the same node for node.
+    For parity only: ONNX Runtime's consistency rows then record their selection like the .tflite files and PyTorch
+    do, so a near-tied selection is compared on ONNX Runtime's own (``nailkit.runtime.compare.consistency_rows``).
+    Cached by the source file's sha256; the source's sidecar (class names, checkpoint, verified) is carried over.
+    Raises ValueError when the graph has no single TopK (a detection-only variant exposes nothing)."""
+    import onnx
+
+    from nailkit.export.onnx_passes import expose_selection
+
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such ONNX file; expected an export (python -m nailkit export-onnx)")
+    dst = src.with_name(f"{src.stem}_selection.onnx")
+    key = {"stage": "onnx_selection_view", "source_sha256": artifacts.file_sha256(src, 64)}
+    meta = artifacts.cached(dst, key)
+    if meta:
+        return artifacts.Artifact(dst, meta)
+    try:
+        model = expose_selection(onnx.load(str(src)))
+    except ValueError as exc:
+        raise ValueError(f"{src}: cannot expose the two-stage selection: {exc}") from None
+    carried = {k: v for k, v in (artifacts.read_sidecar(src) or {}).items()
+               if k in ("checkpoint", "checkpoint_content", "class_names", "num_select", "verified")}
+    with artifacts.staging(dst) as work:
+        staged = work / dst.name
+        onnx.save(model, str(staged))
+        return artifacts.publish(staged, dst, {**carried, "key": key, "source_onnx": str(src),
+                                               "exposed": ["enc_scores", "topk_indices"]})
+
+
 def cli_export_onnx(args) -> int:
     """python -m nailkit export-onnx CKPT --out DIR [--resolution R] [--opset N] [--exporter E] [--simplify]"""
     out = Path(args.out)
