@@ -290,14 +290,16 @@ def test_cli_train_demo_flags(monkeypatch):
     args = build_parser().parse_args(["train-demo", "--dataset", "d", "--out", "o.pth", "--layer-decay", "0.8",
                                       "--component-decay", "0.7", "--warmup-resolution", "288", "--warmup-steps",
                                       "50", "--lr-warmup-steps", "20", "--init-from", "m.pth", "--trusted",
-                                      "--checkpoint-interval", "5"])
+                                      "--checkpoint-interval", "5", "--precision", "fp32"])
     assert train.cli_train_demo(args) == 0
     assert (got["layer_decay"], got["component_decay"], got["warmup_resolution"], got["warmup_resolution_steps"],
             got["lr_warmup_steps"], got["init_from"], got["trusted"], got["checkpoint_interval"]) == (
         0.8, 0.7, 288, 50, 20, "m.pth", True, 5)
+    assert got["precision"] == "fp32"
     args = build_parser().parse_args(["train-demo", "--dataset", "d", "--out", "o.pth"])
     train.cli_train_demo(args)
-    assert (got["layer_decay"], got["component_decay"], got["init_from"], got["trusted"]) == (1.0, 1.0, None, False)
+    assert (got["layer_decay"], got["component_decay"], got["init_from"], got["trusted"], got["precision"]) == (
+        1.0, 1.0, None, False, "auto")
 
 
 def test_recipe_study_table_and_plot(tmp_path):
@@ -364,3 +366,30 @@ def test_package_takes_the_newest_best_weights_file(tmp_path):
     assert best_weights_file(work).name == "checkpoint_best_ema.pth"  # improved after that (resumed)
     os.utime(work / "checkpoint_best_total.pth", ns=(10**18 + 5 * 10**9,) * 2)
     assert best_weights_file(work).name == "checkpoint_best_total.pth"  # same time: total first
+
+
+def test_precision_bf16_only_where_the_cpu_has_native_bf16(tmp_path, tiny_ds, monkeypatch):
+    from nailkit.core.hardware import parse_cpuinfo
+    from nailkit.train.card import _recipe_text
+    from nailkit.train.demo import resolve_precision
+
+    zen4 = parse_cpuinfo("model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16\n", "x86_64")
+    skylake = parse_cpuinfo("model name\t: Intel Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni\n", "x86_64")
+    assert zen4.bf16_dot == ["avx512_bf16"] and skylake.bf16_dot == []
+    assert resolve_precision("auto", "cpu", zen4) == "bf16-mixed"
+    assert resolve_precision("auto", "cpu", skylake) is None  # emulated bf16: fp32, as rfdetr does on the CPU
+    assert resolve_precision("auto", "cuda", zen4) is None  # a GPU: rfdetr's own choice
+    assert resolve_precision("fp32", "cpu", zen4) == "32-true" and resolve_precision("bf16", "cpu", skylake) == \
+        "bf16-mixed"
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16"):
+        resolve_precision("fp16", "cpu", zen4)
+
+    seen = _fake_rfdetr(monkeypatch)
+    rec = train_demo(tiny_ds, None, minutes=1, work_dir=tmp_path / "w", precision="bf16", package=False)
+    assert seen["trainer_kwargs"]["precision"] == "bf16-mixed"  # overrides rfdetr's fp32-on-CPU choice
+    assert rec["precision"] == rec["sessions"][-1]["recipe"]["precision"] == "bf16-mixed"
+    assert "bf16-mixed" in _recipe_text(rec["sessions"][-1]["recipe"])
+    monkeypatch.setattr("nailkit.train.demo.cpu_info", lambda: skylake)
+    rec = train_demo(tiny_ds, None, minutes=1, work_dir=tmp_path / "w2", package=False)
+    assert "precision" not in seen["trainer_kwargs"] and rec["precision"] == "rfdetr's choice"
+    assert "bf16" not in _recipe_text(rec["sessions"][-1]["recipe"])

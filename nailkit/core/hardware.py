@@ -49,6 +49,10 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
 #: Which of the above give int8 dot products (the ones that make int8 faster than fp32).
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8", "dotprod", "i8mm")
 
+#: x86 extensions with native bf16 dot products, which PyTorch's CPU GEMMs (oneDNN) use for bf16 autocast. Without
+#: them bf16 is emulated and slower than fp32 (rfdetr keeps CPU training in fp32 for that reason).
+BF16_DOT_FLAGS = ("avx512_bf16", "amx_bf16")
+
 _ARM_IMPLEMENTERS = {"0x41": "ARM", "0x42": "Broadcom", "0x43": "Cavium", "0x46": "Fujitsu", "0x48": "HiSilicon",
                      "0x4e": "NVIDIA", "0x51": "Qualcomm", "0x53": "Samsung", "0x61": "Apple", "0xc0": "Ampere"}
 
@@ -66,6 +70,11 @@ class CpuInfo:
     def int8_dot(self) -> list[str]:
         """The int8 dot-product extensions present (empty: int8 GEMM has no instruction-level edge over fp32)."""
         return [k for k in INT8_DOT_FLAGS if self.isa.get(k)]
+
+    @property
+    def bf16_dot(self) -> list[str]:
+        """The native bf16 dot-product extensions present (``BF16_DOT_FLAGS``; empty: bf16 is emulated)."""
+        return [k for k in BF16_DOT_FLAGS if self.isa.get(k)]
 
     def summary(self) -> str:
         """One line for a benchmark table, e.g. ``Intel Xeon … (2 CPUs; AVX2, AVX-512, VNNI: avx512_vnni+avx_vnni)``."""

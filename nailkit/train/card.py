@@ -133,7 +133,8 @@ def _recipe_text(r: dict[str, Any]) -> str:
     res = (f", first {r['warmup_resolution_steps']} steps at {r['warmup_resolution']} px"
            if r.get("warmup_resolution") else "")
     start = f", from {Path(r['init_from']).name}" if r.get("init_from") else ""
-    return f"batch {r.get('batch_size')}, lr {r.get('lr')}, {decays}{warm}{res}{start}"
+    prec = f", {r['precision']}" if str(r.get("precision", "")).startswith("bf16") else ""
+    return f"batch {r.get('batch_size')}, lr {r.get('lr')}, {decays}{warm}{res}{prec}{start}"
 
 
 def render_training(t: dict[str, Any]) -> list[str]:
