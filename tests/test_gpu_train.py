@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -157,12 +158,17 @@ def test_transfer_size_and_untrack_restore(tmp_path):
     total = check_transfer(repo)
     assert total == sum(s for _, s in transfer_files(repo)) and total > 4 << 20  # model + wheels.whl + text
     assert check_transfer(repo, carry=["build"]) == total + (2 << 20)
-    with pytest.raises(GpuTransferError, match=r"over the 4 MiB limit; largest: data/models/nails_seg_preview_v2.pth"):
+    with pytest.raises(GpuTransferError, match=r"over the 4 MiB limit; largest: " + re.escape(TRACKED_MODEL)):
         check_transfer(repo, limit=4 << 20)
+    older = "data/models/superseded_model.pth"  # a superseded model waiting for its deletion travels no more
+    _blob(repo / older, 1 << 10)
+    run("add", older)
+    run("commit", "-q", "-m", "older")
     (repo / TRACKED_MODEL).write_bytes(b"changed, not staged")  # someone's edit
     before = subprocess.run(["git", "-C", str(repo), "ls-files", "-s"], capture_output=True, text=True).stdout
     with untracked_for_call(repo) as entries:
-        assert [e["path"] for e in entries] == [TRACKED_MODEL]
+        assert sorted(e["path"] for e in entries) == sorted([TRACKED_MODEL, older])
+        assert older not in [p for p, _ in transfer_files(repo)]
         # neither tracked nor un-ignored, despite .gitignore's !data/models/*.pth (info/exclude would lose to it)
         assert TRACKED_MODEL not in [p for p, _ in transfer_files(repo)]
         run("check-ignore", "-q", TRACKED_MODEL)

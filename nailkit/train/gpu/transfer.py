@@ -14,11 +14,12 @@ from typing import Any, Iterator, Sequence
 from nailkit.train.gpu.limits import MiB, TREE_LIMIT, GpuTransferError
 from nailkit.train.gpu.wheels import WHEEL_DIR
 
+#: the current demo model (``nailkit.model.build.TRAINED_DEMO``)
 TRACKED_MODEL = "data/models/nails_seg_preview_v2.pth"
-#: the previous demo model, still tracked: replacing it in place would have put both blobs into one submission's
-#: diffs (over the 256 MiB limit), so it is deleted in a later submission; until then it stays out of the transfer too
-SUPERSEDED_MODEL = "data/models/nails_seg_preview.pth"
-TRACKED_MODELS = (TRACKED_MODEL, SUPERSEDED_MODEL)
+#: what a device call leaves behind: every tracked model under data/models/ (the current one and a superseded one that
+#: waits for its deletion: removing it in the submission that adds the next would put both blobs into one
+#: submission's diffs, over the 256 MiB limit), whatever their names
+TRACKED_MODELS = ("data/models/*.pth",)
 UNTRACK_STATE = "nailkit-gpu-untracked.json"  # under .git/
 EXCLUDE_TAG = "# nailkit gpu_train: out of the transfer for a device call"
 
@@ -78,15 +79,13 @@ def untrack(repo: str | os.PathLike[str], paths: Sequence[str] = TRACKED_MODELS)
         raise GpuTransferError(f"{state}: an earlier untrack was not restored; run `python -m nailkit.train.gpu "
                                f"restore` first")
     entries: list[dict[str, Any]] = []
-    for p in paths:
-        line = _git(repo, "ls-files", "-s", "--", p).stdout.decode().strip()
-        if not line:
-            continue  # not tracked: nothing to take out
-        meta, path = line.split("\t", 1)
-        mode, blob, _stage = meta.split()
-        ignore = (repo / path).parent / ".gitignore"
-        entries.append({"mode": mode, "blob": blob, "path": path, "gitignore": str(ignore.relative_to(repo)),
-                        "created": not ignore.exists()})
+    for p in paths:  # a path or a pathspec glob; what is not tracked has nothing to take out
+        for line in _git(repo, "ls-files", "-s", "--", p).stdout.decode().splitlines():
+            meta, path = line.split("\t", 1)
+            mode, blob, _stage = meta.split()
+            ignore = (repo / path).parent / ".gitignore"
+            entries.append({"mode": mode, "blob": blob, "path": path, "gitignore": str(ignore.relative_to(repo)),
+                            "created": not ignore.exists()})
     state.write_text(json.dumps(entries, indent=2))
     for e in entries:  # (git has no trailing comments: the tag is a comment line of its own)
         ignore = repo / e["gitignore"]
