@@ -83,7 +83,7 @@ def make_demo_checkpoint(path: str | os.PathLike[str], seed: int = DEMO_SEED) ->
 
 
 #: The trained demo nail model (fp32, deflated zip members) and the default of every notebook and CLI example.
-#: ``nails_seg_preview.pth`` beside it is the superseded 2026-11-26 version (see README: the demo model).
+#: Earlier versions live in git history (see README: the demo model).
 TRAINED_DEMO = SHIPPED_MODELS / "nails_seg_preview_v2.pth"
 
 
