@@ -93,11 +93,14 @@ def _add_model_and_data_commands(sub) -> None:
                    help="train the first --warmup-steps optimizer steps at this resolution (multiple of 24, e.g. 288)")
     s.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps at --warmup-resolution")
     s.add_argument("--init-from", default=None,
-                   help="start from this .pth's model weights (e.g. data/models/nails_seg_preview_v2.pth) with a fresh "
+                   help="start from this .pth's model weights (e.g. data/models/nails_seg_preview_v3.pth) with a fresh "
                         "optimizer and a short lr warm-up (loaded weights-only)")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 mixed precision on a CPU with native bf16 (AVX512-BF16/AMX; weights stay fp32), "
                         "else fp32 on the CPU and rfdetr's choice on a GPU")
+    s.add_argument("--lr-drop", type=int, default=None,
+                   help="epochs (of --batches-per-epoch steps) after which the lr drops 10x (rfdetr's step schedule; "
+                        "its default 100 is never reached in a time box): end a time-boxed run on a low lr")
     s.add_argument("--checkpoint-interval", type=int, default=10,
                    help="keep an archive checkpoint_<epoch>.ckpt every N epochs (last.ckpt is rewritten every epoch)")
     s.add_argument("--trusted", action="store_true",

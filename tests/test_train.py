@@ -214,6 +214,33 @@ def test_recipe_levers_reach_rfdetr_train_config(tmp_path, tiny_ds, monkeypatch)
         "warmup_resolution_steps"] == 5
 
 
+def test_lr_drop_reaches_rfdetrs_step_schedule(tmp_path, tiny_ds, monkeypatch):
+    """--lr-drop N: rfdetr's own managed step schedule drops the lr 10x after N (short) epochs; without it rfdetr's
+    default (100 epochs) stands, and the recipe text says nothing."""
+    from rfdetr.config import TrainConfig
+    from rfdetr.training.module_model import _build_managed_scheduler
+    from nailkit.train.card import _recipe_text
+    from nailkit.train.demo import _check_arguments
+
+    seen = _fake_rfdetr(monkeypatch)
+    rec = train_demo(tiny_ds, None, minutes=1, batch_size=1, batches_per_epoch=20, work_dir=tmp_path / "w",
+                     lr_drop=3, package=False)
+    kw = seen["train_kwargs"]
+    assert kw["lr_scheduler"] == "step" and kw["lr_scheduler_kwargs"] == {"lr_drop": 3}
+    assert rec["lr_drop"] == 3 and "lr ÷10 after epoch 3" in _recipe_text(rec["sessions"][-1]["recipe"])
+    tc = TrainConfig(dataset_dir=str(tiny_ds), output_dir=str(tmp_path / "o"),
+                     **{k: v for k, v in kw.items() if k in ("lr_scheduler", "lr_scheduler_kwargs", "epochs")})
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = _build_managed_scheduler(opt, tc, total_steps=200 * 5, steps_per_epoch=5, warmup_steps=0)
+    assert [sched.lr_lambdas[0](s) for s in (0, 14, 15, 100)] == [1.0, 1.0, 0.1, 0.1]  # drop after 3 × 5 steps
+
+    train_demo(tiny_ds, None, minutes=1, work_dir=tmp_path / "w2", package=False)
+    assert "lr_scheduler_kwargs" not in seen["train_kwargs"]
+    with pytest.raises(ValueError, match="--lr-drop is a number of epochs >= 1"):
+        _check_arguments(resume=None, init_from=None, layer_decay=1.0, component_decay=1.0, lr_warmup_steps=None,
+                         warmup_resolution_steps=0, checkpoint_interval=1, lr_drop=0)
+
+
 def test_random_init_defaults_and_init_from(tmp_path, tiny_ds, monkeypatch):
     seen = _fake_rfdetr(monkeypatch)
     init = tmp_path / "init.pth"
@@ -322,7 +349,7 @@ def test_recipe_study_table_and_plot(tmp_path):
     png = plot_recipe_study(study, tmp_path / "study.png")
     assert png.stat().st_size > 1000
     # into a model card: .card.json gets recipe_study, the .md its section (rendered from the JSON)
-    shipped = Path(__file__).resolve().parents[1] / "data" / "models" / "nails_seg_preview_v2.card.json"
+    shipped = Path(__file__).resolve().parents[1] / "data" / "models" / "nails_seg_preview_v3.card.json"
     card_json = tmp_path / "m.card.json"
     card_json.write_text(shipped.read_text())
     card = write_recipe_study(card_json, study, setup="two runs", conclusion="too short to tell", plot=str(png))

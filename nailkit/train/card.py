@@ -134,7 +134,8 @@ def _recipe_text(r: dict[str, Any]) -> str:
            if r.get("warmup_resolution") else "")
     start = f", from {Path(r['init_from']).name}" if r.get("init_from") else ""
     prec = f", {r['precision']}" if str(r.get("precision", "")).startswith("bf16") else ""
-    return f"batch {r.get('batch_size')}, lr {r.get('lr')}, {decays}{warm}{res}{prec}{start}"
+    drop = f", lr ÷10 after epoch {r['lr_drop']}" if r.get("lr_drop") else ""
+    return f"batch {r.get('batch_size')}, lr {r.get('lr')}, {decays}{warm}{drop}{res}{prec}{start}"
 
 
 def render_training(t: dict[str, Any]) -> list[str]:

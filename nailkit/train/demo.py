@@ -90,7 +90,8 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str] | No
                warmup_resolution: int | None = None, warmup_resolution_steps: int = 0,
                init_from: str | os.PathLike[str] | None = None, trusted: bool = False,
                checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL, package: bool = True,
-               note: str | None = None, eval_backend: str | None = None, precision: str = "auto") -> dict[str, Any]:
+               note: str | None = None, eval_backend: str | None = None, precision: str = "auto",
+               lr_drop: int | None = None) -> dict[str, Any]:
     """Train (or resume) with rfdetr's trainer and write the best checkpoint to ``out``. Returns the training record.
 
     Recipe levers (see the module docstring): ``layer_decay`` / ``component_decay`` (rfdetr's ``lr_vit_layer_decay`` /
@@ -101,6 +102,9 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str] | No
     allow-list are refused unless ``trusted``. ``package=False`` skips writing ``out`` (the work folder keeps all).
     ``eval_backend`` picks rfdetr's validation COCO evaluator (default: rfdetr's, vernier; the GPU path uses
     faster_coco_eval, which needs no pyarrow wheel). ``precision``: "auto", "fp32" or "bf16" (``resolve_precision``).
+    ``lr_drop``: rfdetr's step schedule, lr ÷ 10 after this many (short) epochs of this run's schedule (rfdetr's
+    ``lr_scheduler_kwargs["lr_drop"]``; default rfdetr's 100, which a time-boxed run never reaches): a time-boxed run
+    sets it to end on a low lr, where the last few hundred steps sharpen the scores.
     """
     import torch
 
@@ -108,7 +112,7 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str] | No
     splits = {s: load_split(ds, s) for s in ("train", "valid")}  # clear error now rather than deep inside Lightning
     _check_arguments(resume=resume, init_from=init_from, layer_decay=layer_decay, component_decay=component_decay,
                      lr_warmup_steps=lr_warmup_steps, warmup_resolution_steps=warmup_resolution_steps,
-                     checkpoint_interval=checkpoint_interval)
+                     checkpoint_interval=checkpoint_interval, lr_drop=lr_drop)
     lightning_precision = resolve_precision(precision, device)
     work = Path(work_dir) if work_dir else DEFAULT_WORK_DIR
     resume_path, resume_needs_trust, already = _resume_point(resume, work, trusted=trusted)
@@ -132,14 +136,14 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str] | No
               "warmup_resolution": warmup_resolution, "warmup_resolution_steps": warmup_resolution_steps,
               "init_from": str(init_from) if init_from else None, "batch_size": batch_size,
               "grad_accum_steps": grad_accum_steps, "lr": lr, "lr_encoder": lr_encoder,
-              "precision": lightning_precision or "rfdetr's choice"}
+              "precision": lightning_precision or "rfdetr's choice", "lr_drop": lr_drop}
     settings = {"dataset": str(ds), "dataset_info": _dataset_info(ds), "seed": seed,
                 "batches_per_epoch": batches_per_epoch, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
                 "lr": lr, "lr_encoder": lr_encoder, "multi_scale": multi_scale, "layer_decay": layer_decay,
                 "component_decay": component_decay, "lr_warmup_steps": lr_warmup_steps,
                 "warmup_resolution": warmup_resolution, "warmup_resolution_steps": warmup_resolution_steps,
                 "init_from": str(init_from) if init_from else None, "checkpoint_interval": checkpoint_interval,
-                "precision": recipe["precision"]}
+                "precision": recipe["precision"], "lr_drop": lr_drop}
     (work / "settings.json").write_text(json.dumps(settings, indent=2))
     if init_from:  # the parent's runs stay part of the result's history (nailkit.train.lineage)
         write_lineage(work, init_from, trusted=trusted)
@@ -153,7 +157,8 @@ def train_demo(dataset: str | os.PathLike[str], out: str | os.PathLike[str] | No
         multi_scale=multi_scale, progress_bar="tqdm", tensorboard=False,
         resume=str(resume_path) if resume_path else None, checkpoint_interval=checkpoint_interval, seed=seed,
         lr_vit_layer_decay=layer_decay, lr_component_decay=component_decay, warmup_epochs=lr_warmup_steps / spe,
-        **({"eval_backend": eval_backend} if eval_backend else {})),
+        **({"eval_backend": eval_backend} if eval_backend else {}),
+        **({"lr_scheduler": "step", "lr_scheduler_kwargs": {"lr_drop": int(lr_drop)}} if lr_drop else {})),
         max_time=_dt.timedelta(minutes=minutes, seconds=already), batches_per_epoch=batches_per_epoch, extra=extra,
         unpickle_resume=resume_needs_trust, record_session=record_session, work=work, precision=lightning_precision)
     record_session()
@@ -183,7 +188,8 @@ def resolve_precision(precision: str, device: str, cpu: Any = None) -> str | Non
 
 
 def _check_arguments(*, resume: Any, init_from: Any, layer_decay: float, component_decay: float,
-                     lr_warmup_steps: int | None, warmup_resolution_steps: int, checkpoint_interval: int) -> None:
+                     lr_warmup_steps: int | None, warmup_resolution_steps: int, checkpoint_interval: int,
+                     lr_drop: int | None = None) -> None:
     """train-demo's argument checks that need no file: one clear error before anything loads."""
     if resume and init_from:
         raise ValueError("train-demo: --resume continues a run with its optimizer; --init-from starts a new one from "
@@ -195,6 +201,8 @@ def _check_arguments(*, resume: Any, init_from: Any, layer_decay: float, compone
         raise ValueError("train-demo: warm-up steps must be >= 0")
     if checkpoint_interval < 1:
         raise ValueError(f"train-demo: --checkpoint-interval must be >= 1, got {checkpoint_interval}")
+    if lr_drop is not None and int(lr_drop) < 1:
+        raise ValueError(f"train-demo: --lr-drop is a number of epochs >= 1 (lr / 10 after it), got {lr_drop}")
 
 
 def _resume_point(resume: str | os.PathLike[str] | None, work: Path, *,
@@ -323,7 +331,7 @@ def cli_train_demo(args) -> int:
                      warmup_resolution_steps=getattr(args, "warmup_steps", 0) or 0,
                      init_from=getattr(args, "init_from", None), trusted=trusted,
                      checkpoint_interval=getattr(args, "checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL),
-                     precision=getattr(args, "precision", "auto"))
+                     precision=getattr(args, "precision", "auto"), lr_drop=getattr(args, "lr_drop", None))
     print(json.dumps({k: v for k, v in rec.items() if k not in ("sessions", "validation_timeline")}, indent=2,
                      default=str))
     print(f"wrote {args.out}")

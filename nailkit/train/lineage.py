@@ -69,7 +69,7 @@ def _with_steps(sessions: list[dict[str, Any]], offset: int, defaults: dict[str,
 
 def _recipe_defaults(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("batch_size", "grad_accum_steps", "lr", "lr_encoder", "layer_decay", "component_decay",
-            "lr_warmup_steps", "warmup_resolution", "warmup_resolution_steps", "init_from")
+            "lr_warmup_steps", "warmup_resolution", "warmup_resolution_steps", "init_from", "precision", "lr_drop")
     got = {k: record[k] for k in keys if k in record}
     if "layer_decay" not in record:
         got.update(RFDETR_DECAYS)
