@@ -13,7 +13,7 @@ import pytest
 
 from nailkit.data import synthetic_dataset as D
 from nailkit.portable.postprocess import Prediction
-from nailkit.train.card import home_relative, render_card
+from nailkit.train.card import home_relative, next_version, render_card
 from nailkit.train.card_overlays import card_image_rows, write_card_overlays
 from nailkit.train.lineage import training_runs
 
@@ -90,6 +90,16 @@ def test_card_renders_every_run_both_splits_and_how_to_go_on():
     at_home = render_card({**_card(["x"], ["y"]), "work_dir": os.path.join(home, ".cache", "nailkit", "s7")})
     assert "--resume ~/.cache/nailkit/s7 --work-dir ~/.cache/nailkit/s7 " in at_home and home + os.sep not in at_home
     assert home_relative(home + "x/run") == home + "x/run"  # a sibling folder whose name starts like home's is not home
+    # the next version is a new file; a resumed run with an lr drop keeps it (its schedule is rebuilt from the flags)
+    assert "--out m_v2.pth --resume" in md and "--out m_v2.pth --init-from data/models/m.pth" in md
+    assert "--lr-drop" not in md
+    dropped = _card(["x"], ["y"])
+    dropped["training"]["sessions"][-1]["recipe"] = {**dropped["training"]["sessions"][-1]["recipe"], "lr_drop": 19}
+    dmd = render_card(dropped)
+    assert dmd.count("--lr-drop 19") == 1 and "--checkpoint-interval 1000 --lr-drop 19   # the run's folder" in dmd
+    assert "divided its lr by 10 after epoch 19" in dmd
+    assert next_version("nails_seg_preview_v3.pth") == "nails_seg_preview_v4.pth"
+    assert next_version("nails_seg_preview_v9.pth") == "nails_seg_preview_v10.pth"
     ok = render_card(_card([], []))
     assert "**Meets the quality bar** on both splits." in ok and "train-demo" not in ok.split("## Metrics")[1]
 

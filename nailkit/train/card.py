@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -199,6 +200,15 @@ def home_relative(path: str | os.PathLike[str]) -> str:
     return "~" + path[len(home):] if path == home or path.startswith(home.rstrip(os.sep) + os.sep) else path
 
 
+def next_version(name: str) -> str:
+    """The file name a next trained version gets: ``m_v3.pth`` → ``m_v4.pth``, ``m.pth`` → ``m_v2.pth`` (a new
+    version is a new file, so replacing it never puts two blobs of ~126 MB into one submission's diffs)."""
+    p = Path(name)
+    m = re.fullmatch(r"(.*)_v(\d+)", p.stem)
+    stem = f"{m.group(1)}_v{int(m.group(2)) + 1}" if m else f"{p.stem}_v2"
+    return str(p.with_name(stem + p.suffix))
+
+
 def render_continuation(t: dict[str, Any], work_dir: str | None = None,
                         name: str = "nails_seg_preview.pth") -> list[str]:
     """How to train these weights further: the last run's recipe, resumed where its state is (``work_dir``, else a
@@ -209,6 +219,9 @@ def render_continuation(t: dict[str, Any], work_dir: str | None = None,
     flags = (f"--layer-decay {last.get('layer_decay', 1.0)} --component-decay {last.get('component_decay', 1.0)} "
              f"--batch-size {last.get('batch_size', t.get('batch_size'))} --batches-per-epoch "
              f"{t.get('batches_per_epoch')} --lr {last.get('lr', t.get('lr'))} --checkpoint-interval 1000")
+    # a resumed run rebuilds its lr schedule from the flags: the same --lr-drop, or the lr jumps back up
+    resume_flags = flags + (f" --lr-drop {last['lr_drop']}" if last.get("lr_drop") else "")
+    out = next_version(name)
     lines = ["Training more closes the gap."]
     if tl:
         best = max(tl, key=lambda r: r["mask_map50"])
@@ -216,15 +229,18 @@ def render_continuation(t: dict[str, Any], work_dir: str | None = None,
                      f"→ best {best['mask_map50']:.3f} (step {best['step']}) → {tl[-1]['mask_map50']:.3f} (step "
                      f"{tl[-1]['step']}, its last validation).")
     lines[0] += (" Go on with the same recipe: resume the work folder while its full state is on the machine, else "
-                 "start from these weights (fresh optimizer, short warm-up); on a lent GPU run `tools/gpu_train.sh`:")
+                 "start from these weights (fresh optimizer, short warm-up); on a lent GPU run `tools/gpu_train.sh`.")
+    if last.get("lr_drop"):
+        lines[0] += (f" The last run divided its lr by 10 after epoch {last['lr_drop']} of its time box (`--lr-drop`): "
+                     "give a fresh run's time box its own.")
     return lines + ["", "```bash",
                     "python -m nailkit make-dataset ~/.cache/nailkit/nails-seed0-v2 --seed 0   # if absent",
                     "nice -n 19 python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0-v2 \\",
-                    f"    --out {name} --resume {work_dir or 'WORK_DIR'} "
+                    f"    --out {out} --resume {work_dir or 'WORK_DIR'} "
                     f"--work-dir {work_dir or 'WORK_DIR'} --minutes 600 \\",
-                    f"    {flags}   # the run's folder is still here",
+                    f"    {resume_flags}   # the run's folder is still here",
                     "nice -n 19 python -m nailkit train-demo --dataset ~/.cache/nailkit/nails-seed0-v2 \\",
-                    f"    --out {name} --init-from data/models/{name} \\",
+                    f"    --out {out} --init-from data/models/{name} \\",
                     "    --work-dir ~/.cache/nailkit/train-demo-next --minutes 600 \\",
                     f"    {flags}   # a fresh machine",
                     "```", ""]
