@@ -27,8 +27,9 @@ class OracleRunner:
 
     backend, name, resolution, path, last_ms = "oracle", "oracle", 432, None, 1.0
 
-    def __init__(self, split, drop_every=0, extra_fp=False, class_names=("Nail",)):
+    def __init__(self, split, drop_every=0, extra_fp=False, class_names=("Nail",), score_scale=1.0):
         self.split, self.drop_every, self.extra_fp, self.class_names = split, drop_every, extra_fp, list(class_names)
+        self.score_scale = score_scale
 
     def predict(self, image, threshold=0.0, num_select=100, mask_threshold=0.0):
         im = next(i for i in self.split.coco["images"] if i["id"] == self._next)  # evaluate() goes in id order
@@ -46,7 +47,7 @@ class OracleRunner:
             ys, xs = np.nonzero(m)
             boxes[j] = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         n = len(masks)
-        return Prediction(xyxy=boxes, confidence=np.linspace(0.99, 0.9, n).astype(np.float32) if n else
+        return Prediction(xyxy=boxes, confidence=(self.score_scale * np.linspace(0.99, 0.9, n)).astype(np.float32) if n else
                           np.zeros(0, np.float32), class_id=np.zeros(n, np.int64), query_index=np.arange(n),
                           mask=masks, class_name=np.array(["Nail"] * n, dtype=object))
 
@@ -89,6 +90,25 @@ def test_missed_nails_and_false_positives_are_counted(ds):
     assert half["recall"] < 0.75 and half["mask_map50"] < full["mask_map50"]
     fp = _run(ds, extra_fp=True).metrics
     assert fp["fp_per_image"] == 1.0 and fp["recall"] == 1.0
+
+
+def test_operating_points_show_where_low_scores_find_the_nails(ds):
+    """Right masks at scores 0.30–0.35: nothing at the bar's 0.5, every nail at 0.3; the false positive (lowest
+    score) counts only where its threshold lets it through."""
+    from nailkit.accuracy.evaluate import OPERATING_THRESHOLDS
+
+    m = _run(ds, score_scale=0.35, extra_fp=True).metrics
+    pts = {p["threshold"]: p for p in m["operating_points"]}
+    assert [p["threshold"] for p in m["operating_points"]] == list(OPERATING_THRESHOLDS)
+    assert m["recall"] == 0.0 and m["fp_per_image"] == 0.0 and pts[0.5] == {"threshold": 0.5, "recall": 0.0,
+                                                                            "fp_per_image": 0.0}
+    assert pts[0.1]["recall"] == pts[0.3]["recall"] == 1.0 and pts[0.4]["recall"] == 0.0
+    assert pts[0.1]["fp_per_image"] == pts[0.3]["fp_per_image"] == 1.0 and pts[0.4]["fp_per_image"] == 0.0
+    full = _run(ds).metrics  # the curve agrees with the operating threshold's own numbers
+    p5 = next(p for p in full["operating_points"] if p["threshold"] == 0.5)
+    assert p5["recall"] == full["recall"] == 1.0 and p5["fp_per_image"] == full["fp_per_image"] == 0.0
+    half = _run(ds, drop_every=2).metrics
+    assert all(p["recall"] == pytest.approx(half["recall"]) for p in half["operating_points"])
 
 
 def test_metrics_stay_finite_json_without_nails_or_detections(ds, tmp_path):

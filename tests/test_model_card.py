@@ -100,6 +100,13 @@ def test_card_renders_every_run_both_splits_and_how_to_go_on():
     assert "divided its lr by 10 after epoch 19" in dmd
     assert next_version("nails_seg_preview_v3.pth") == "nails_seg_preview_v4.pth"
     assert next_version("nails_seg_preview_v9.pth") == "nails_seg_preview_v10.pth"
+    assert "by score threshold" not in md  # a card written before the operating curve: no table
+    curve = _card(["x"], ["y"])
+    curve["metrics"]["operating_points"] = [{"threshold": 0.3, "recall": 0.91, "fp_per_image": 0.25},
+                                            {"threshold": 0.5, "recall": 0.0, "fp_per_image": 0.0}]
+    cmd = render_card(curve)
+    assert "| score ≥ | 0.3 | 0.5 |" in cmd and "| seed 0 test | 0.91 / 0.25 | 0.00 / 0.00 |" in cmd
+    assert "unseen seed 7 test |" not in cmd.split("by score threshold")[1]  # that split has no curve here
     ok = render_card(_card([], []))
     assert "**Meets the quality bar** on both splits." in ok and "train-demo" not in ok.split("## Metrics")[1]
 

@@ -37,6 +37,8 @@ from nailkit.tflite.convert import ensure_tflite
 MAX_DETS = 100
 #: Mask IoU above which a detection counts as finding a ground-truth nail (recall / FP at the operating threshold).
 MATCH_IOU = 0.5
+#: Score thresholds of the operating curve (recall and false positives per image at each; the sliders' range).
+OPERATING_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
@@ -179,6 +181,7 @@ def evaluate(model: Any, dataset_dir: str | os.PathLike[str], *, split: str = "t
         metrics = {"mask_map50_95": seg[0], "mask_map50": seg[1], "box_map50_95": box[0], "box_map50": box[1],
                    "recall": (sum(r["matched"] for r in rows) / n_inst) if n_inst else 0.0,
                    "fp_per_image": sum(r["false_positives"] for r in rows) / max(len(rows), 1),
+                   "operating_points": operating_points(rows, n_inst),
                    "threshold": float(threshold), "images": len(rows), "instances": n_inst,
                    "model": str(getattr(run, "path", None) or model), "backend": run.backend,
                    "resolution": int(run.resolution), "split": split, "dataset": str(dataset_dir),
@@ -187,6 +190,14 @@ def evaluate(model: Any, dataset_dir: str | os.PathLike[str], *, split: str = "t
     finally:
         if own:
             run.close()
+
+
+def operating_points(rows: Sequence[dict[str, Any]], n_inst: int) -> list[dict[str, float]]:
+    """Recall and false positives per image at each of ``OPERATING_THRESHOLDS``, from the per-image rows
+    (``matched_at`` / ``fp_at``): where a slider finds the nails, and what it costs in false positives."""
+    return [{"threshold": t, "recall": (sum(r["matched_at"][i] for r in rows) / n_inst) if n_inst else 0.0,
+             "fp_per_image": sum(r["fp_at"][i] for r in rows) / max(len(rows), 1)}
+            for i, t in enumerate(OPERATING_THRESHOLDS)]
 
 
 def _ground_truth(data: CocoSplit, images: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,7 +235,8 @@ def _score_image(run: Any, data: CocoSplit, im: dict[str, Any], mapping: dict[in
     h, w = int(im["height"]), int(im["width"])
     gtm = instance_masks(data, im)
     g_area = gtm.sum((1, 2)).astype(np.float64)
-    kept = pred.confidence >= threshold
+    floor = min(threshold, min(OPERATING_THRESHOLDS))
+    kept = pred.confidence >= floor  # IoUs for every detection some operating point counts
     iou_cols = []
     for i, (b, s, c) in enumerate(zip(pred.xyxy, pred.confidence, cats)):
         crop = pred.crop(i)  # one detection's mask at a time
@@ -236,14 +248,21 @@ def _score_image(run: Any, data: CocoSplit, im: dict[str, Any], mapping: dict[in
         if kept[i] and len(gtm):
             iou_cols.append(_crop_iou(gtm, [crop], g_area)[:, 0])
         del crop
-    if iou_cols:
-        matched, fp = _greedy_match(np.stack(iou_cols, 1), np.argsort(-pred.confidence[kept], kind="stable"))
-    else:
-        matched, fp = 0, int(kept.sum())
+    ious = np.stack(iou_cols, 1) if iou_cols else None
+    kept_scores = pred.confidence[kept]
+
+    def at(t: float) -> tuple[int, int]:
+        sel = np.where(kept_scores >= t)[0]
+        if ious is None:
+            return 0, int(len(sel))
+        return _greedy_match(ious[:, sel], np.argsort(-kept_scores[sel], kind="stable"))
+
+    matched, fp = at(threshold)
+    curve = [at(t) for t in OPERATING_THRESHOLDS]
     n_gt = len(gtm)
     del gtm
     return {"file_name": im["file_name"], "instances": int(n_gt), "matched": matched,
-            "false_positives": fp,
+            "false_positives": fp, "matched_at": [m for m, _ in curve], "fp_at": [f for _, f in curve],
             "detections": int((pred.confidence >= threshold).sum()),
             "max_score": float(pred.confidence.max()) if len(pred) else 0.0,
             "forward_ms": round(float(run.last_ms), 2)}
@@ -287,6 +306,8 @@ def cli_evaluate(args) -> int:
               f"box mAP50-95 {m['box_map50_95']:.3f}  box mAP50 {m['box_map50']:.3f}")
         print(f"  at score ≥ {m['threshold']}: recall {m['recall']:.3f}, false positives/image "
               f"{m['fp_per_image']:.2f}; forward {m['mean_forward_ms']:.0f} ms/img")
+        print("  recall / false positives per image by score: " + ", ".join(
+            f"≥{p['threshold']:g} {p['recall']:.2f}/{p['fp_per_image']:.2f}" for p in m["operating_points"]))
     return 0
 
 

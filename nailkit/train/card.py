@@ -44,7 +44,7 @@ def model_card(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[st
             um = evaluate(ckpt, unseen, split=split, runner=runner).metrics
             um["max_score_on_nail_free_photos"] = metrics["max_score_on_nail_free_photos"]
             unseen_card = {"dataset": str(unseen), "split": split, "seed": _dataset_seed(unseen),
-                           "metrics": {k: um[k] for k in METRIC_KEYS},
+                           "metrics": {k: um[k] for k in METRIC_KEYS if k in um},
                            "failures": gates.check("quality_bar", um)}
         pictures = None
         if overlays:
@@ -62,7 +62,7 @@ def model_card(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[st
             "seg head), 2 classes (background + Nail)", "training": record,
             "evaluation": {"dataset": str(dataset), "split": split, "seed": _dataset_seed(dataset),
                            "backend": "torch fp32", "resolution": metrics["resolution"]},
-            "metrics": {k: metrics[k] for k in METRIC_KEYS}, "unseen": unseen_card, "overlays": pictures,
+            "metrics": {k: metrics[k] for k in METRIC_KEYS if k in metrics}, "unseen": unseen_card, "overlays": pictures,
             "nail_free_photos": neg, "quality_bar": gates.gate("quality_bar"), "quality_bar_failures": failures,
             "work_dir": str(work_dir) if work_dir else None}
     card_json = ckpt.with_suffix(".card.json")
@@ -79,7 +79,7 @@ def model_card(checkpoint: str | os.PathLike[str], dataset: str | os.PathLike[st
 
 
 METRIC_KEYS = ("mask_map50_95", "mask_map50", "box_map50_95", "box_map50", "recall", "fp_per_image", "threshold",
-               "images", "instances", "max_score_on_nail_free_photos")
+               "images", "instances", "max_score_on_nail_free_photos", "operating_points")
 
 
 def _dataset_seed(dataset: str | os.PathLike[str]) -> Any:
@@ -191,6 +191,20 @@ def render_metrics(card: dict[str, Any]) -> list[str]:
              "|---|" + "---|" * len(cols) + "---|"]
     for label, key, f, b in rows:
         lines.append(f"| {label} | " + " | ".join(format(mm[key], f) for _, mm in cols) + f" | {b} |")
+    return lines + [""] + render_operating_points(cols)
+
+
+def render_operating_points(cols: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Recall / false positives per image at each score threshold (``evaluate``'s ``operating_points``), per split:
+    what notebook 05's slider finds where, when the bar's threshold finds nothing yet."""
+    cols = [(c.split(" (")[0], mm["operating_points"]) for c, mm in cols if mm.get("operating_points")]
+    if not cols:
+        return []
+    ts = [p["threshold"] for p in cols[0][1]]
+    lines = ["Recall / false positives per image by score threshold (mask IoU > 0.5, one-to-one):", "",
+             "| score ≥ | " + " | ".join(f"{t:g}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+    for name, pts in cols:
+        lines.append(f"| {name} | " + " | ".join(f"{p['recall']:.2f} / {p['fp_per_image']:.2f}" for p in pts) + " |")
     return lines + [""]
 
 
