@@ -93,7 +93,7 @@ def _add_model_and_data_commands(sub) -> None:
                    help="train the first --warmup-steps optimizer steps at this resolution (multiple of 24, e.g. 288)")
     s.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps at --warmup-resolution")
     s.add_argument("--init-from", default=None,
-                   help="start from this .pth's model weights (e.g. data/models/nails_seg_preview_v4.pth) with a fresh "
+                   help="start from this .pth's model weights (e.g. data/models/nails_seg_preview_v5.pth) with a fresh "
                         "optimizer and a short lr warm-up (loaded weights-only)")
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 mixed precision on a CPU with native bf16 (AVX512-BF16/AMX; weights stay fp32), "

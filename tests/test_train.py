@@ -349,7 +349,7 @@ def test_recipe_study_table_and_plot(tmp_path):
     png = plot_recipe_study(study, tmp_path / "study.png")
     assert png.stat().st_size > 1000
     # into a model card: .card.json gets recipe_study, the .md its section (rendered from the JSON)
-    shipped = Path(__file__).resolve().parents[1] / "data" / "models" / "nails_seg_preview_v4.card.json"
+    shipped = Path(__file__).resolve().parents[1] / "data" / "models" / "nails_seg_preview_v5.card.json"
     card_json = tmp_path / "m.card.json"
     card_json.write_text(shipped.read_text())
     card = write_recipe_study(card_json, study, setup="two runs", conclusion="too short to tell", plot=str(png))

@@ -84,7 +84,7 @@ def make_demo_checkpoint(path: str | os.PathLike[str], seed: int = DEMO_SEED) ->
 
 #: The trained demo nail model (fp32, deflated zip members) and the default of every notebook and CLI example.
 #: Earlier versions live in git history (see README: the demo model).
-TRAINED_DEMO = SHIPPED_MODELS / "nails_seg_preview_v4.pth"
+TRAINED_DEMO = SHIPPED_MODELS / "nails_seg_preview_v5.pth"
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | Checkpoint | None,

@@ -15,7 +15,7 @@ from nailkit.train.gpu.limits import MiB, TREE_LIMIT, GpuTransferError
 from nailkit.train.gpu.wheels import WHEEL_DIR
 
 #: the current demo model (``nailkit.model.build.TRAINED_DEMO``)
-TRACKED_MODEL = "data/models/nails_seg_preview_v4.pth"
+TRACKED_MODEL = "data/models/nails_seg_preview_v5.pth"
 #: what a device call leaves behind: every tracked model under data/models/ (the current one and a superseded one that
 #: waits for its deletion: removing it in the submission that adds the next would put both blobs into one
 #: submission's diffs, over the 256 MiB limit), whatever their names
